@@ -1,0 +1,95 @@
+"""`recon`: one thin command per pipeline stage.
+
+Every option defaults to ``params.yaml`` (the section named after the stage), then to the
+stage's built-in default; an option given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+app = typer.Typer(help="ReCon point-cloud pretraining with an offline teacher-feature cache.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+
+WORKERS = typer.Option(None, "--workers", "-j", help="worker processes [params: workers]")
+LIMIT = typer.Option(None, "--limit", help="process at most N shapes (quick try; resumable)")
+STRICT = typer.Option(None, "--strict/--no-strict", help="exit non-zero when any shape fails")
+
+
+def _run(fn, *args):
+    """Run a stage; turn expected errors into a one-line message and exit code 1."""
+    from pipeline.store import StoreError
+    from stages.common import StageError, console
+
+    try:
+        return fn(*args)
+    except (StageError, StoreError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(1)
+
+
+@app.command("demo-data")
+def demo_data(out: Optional[Path] = typer.Argument(None, help="output folder [params: demo.out]"),
+              shapes_per_category: Optional[int] = typer.Option(None, help="[params: demo.shapes_per_category]"),
+              seed: Optional[int] = typer.Option(None, help="[params: demo.seed]")) -> None:
+    """Write the embedded procedural demo meshes (ShapeNetCore.v2 layout)."""
+    from stages import demo_data as stage
+    from stages.common import load_params
+
+    p = load_params(stage.DemoParams, "demo", dict(out=str(out) if out else None,
+                                                   shapes_per_category=shapes_per_category, seed=seed))
+    _run(stage.run, p)
+
+
+@app.command("index")
+def index(root: Optional[Path] = typer.Argument(None, help="mesh folder [params: index.root]"),
+          split_dir: Optional[Path] = typer.Option(None, help="folder with train.txt/test.txt lists"),
+          test_fraction: Optional[float] = typer.Option(None, help="[params: index.test_fraction]"),
+          seed: Optional[int] = typer.Option(None, help="[params: index.seed]"),
+          limit: Optional[int] = typer.Option(None, help="keep only the first N shapes")) -> None:
+    """Index a ShapeNet-layout (v1/v2) or plain <category>/<mesh> folder into shapes.parquet."""
+    from stages import index as stage
+    from stages.common import load_params
+
+    p = load_params(stage.IndexParams, "index", dict(
+        root=str(root) if root else None, split_dir=str(split_dir) if split_dir else None,
+        test_fraction=test_fraction, seed=seed, limit=limit))
+    _run(stage.run, p)
+
+
+@app.command("render")
+def render(resolution: Optional[int] = typer.Option(None, help="[params: render.resolution]"),
+           workers: Optional[int] = WORKERS, limit: Optional[int] = LIMIT,
+           strict: Optional[bool] = STRICT) -> None:
+    """Render every shape to RGB views (pyrender, offscreen) into renders.zarr."""
+    from stages import render as stage
+    from stages.common import load_params
+
+    p = load_params(stage.RenderParams, "render", dict(resolution=resolution, workers=workers,
+                                                       limit=limit, strict=strict))
+    _run(stage.run, p)
+
+
+@app.command("sample")
+def sample(points: Optional[int] = typer.Option(None, help="[params: sample.points]"),
+           seed: Optional[int] = typer.Option(None, help="[params: sample.seed]"),
+           workers: Optional[int] = WORKERS, limit: Optional[int] = LIMIT,
+           strict: Optional[bool] = STRICT) -> None:
+    """Sample surface points of every shape into points.zarr."""
+    from stages import sample as stage
+    from stages.common import load_params
+
+    p = load_params(stage.SampleParams, "sample", dict(points=points, seed=seed, workers=workers,
+                                                       limit=limit, strict=strict))
+    _run(stage.run, p)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,343 @@
+"""The zarr store layer: every stage writes and reads per-shape arrays through here.
+
+A store is a zarr v3 group aligned to the rows of ``shapes.parquet``:
+
+- ``ids``   str  [N]  the shape id of every row (so misalignment is detected, not assumed)
+- ``done``  bool [N]  the row was processed (successfully or not)
+- ``ok``    bool [N]  the row was processed successfully (failed rows are excluded downstream)
+- one or more data arrays ``[N, ...]``, chunked along N and Blosc/zstd compressed.
+
+Attributes: ``params`` (everything that determines the content; a resume requires equality),
+``provenance`` (free-form, informational), ``complete`` (set last), ``schema``.
+
+Writes go to ``<path>.partial``. A killed writer leaves the partial store behind; the next run
+with the same ids and params resumes from its ``done`` mask. Chunk writes are atomic in zarr's
+LocalStore, and ``done`` is written after the data of the same rows, so a row that reads as done
+is complete. ``finalise`` renames the partial store into place, so a store at ``path`` always
+reads as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import zarr
+
+SCHEMA_VERSION = 1
+RESERVED = ("ids", "done", "ok")
+FAILURE_LOG = "failures.jsonl"
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete, or does not match what the reader expects."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-row data array: its per-row shape, dtype and rows per chunk."""
+
+    row_shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int = 16
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _compressor() -> zarr.codecs.BloscCodec:
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip, so tuples and lists (and numpy scalars) compare equal."""
+    return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _read_ids(group: zarr.Group) -> np.ndarray:
+    return np.asarray([str(i) for i in group["ids"][:]])
+
+
+def read_failure_log(store_dir: Path) -> dict[str, dict]:
+    """The failure records kept inside a store (latest per shape id)."""
+    log = Path(store_dir) / FAILURE_LOG
+    latest: dict[str, dict] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            latest[record["id"]] = record
+    return latest
+
+
+def _diff(expected: dict, found: dict) -> list[str]:
+    keys = sorted(set(expected) | set(found))
+    return [f"{k}: expected {expected.get(k)!r}, found {found.get(k)!r}"
+            for k in keys if expected.get(k) != found.get(k)]
+
+
+class StoreWriter:
+    """Resumable, chunk-aligned writer of one store (see module docstring)."""
+
+    def __init__(self, path: Path, group: zarr.Group, arrays: dict[str, ArraySpec]):
+        self.path = path
+        self.group = group
+        self.arrays = arrays
+        self.n = int(group["ids"].shape[0])
+
+    @classmethod
+    def open(cls, path: str | Path, ids: Sequence[str], arrays: dict[str, ArraySpec],
+             params: dict, provenance: dict | None = None,
+             log=print) -> "StoreWriter | None":
+        """Open ``path.partial`` for writing, resuming when it matches.
+
+        Returns None when a complete store with the same ids and params is already at ``path``.
+        """
+        path = Path(path)
+        params = _canonical(params)
+        ids = [str(i) for i in ids]
+        if path.exists():
+            try:
+                existing = open_store(path, expect_ids=ids, expect_params=params)
+                if existing.attrs.get("schema") == SCHEMA_VERSION:
+                    return None
+            except StoreError as err:
+                log(f"[yellow]rebuilding {path}[/]: {err}")
+        tmp = partial_path(path)
+        if tmp.exists():
+            reason = cls._resume_problem(tmp, ids, arrays, params)
+            if reason is None:
+                group = zarr.open_group(tmp, mode="r+")
+                writer = cls(path, group, arrays)
+                log(f"resuming {tmp}: {int(writer.done_mask().sum())}/{writer.n} rows already done")
+                return writer
+            log(f"[yellow]discarding stale partial store {tmp}[/]: {reason}")
+            shutil.rmtree(tmp)
+        return cls._create(path, tmp, ids, arrays, params, provenance or {})
+
+    @staticmethod
+    def _resume_problem(tmp: Path, ids: list[str], arrays: dict[str, ArraySpec],
+                        params: dict) -> str | None:
+        try:
+            group = zarr.open_group(tmp, mode="r")
+            found_params = group.attrs.get("params", {})
+            if found_params != params:
+                return "params changed (" + "; ".join(_diff(params, found_params)) + ")"
+            if _read_ids(group).tolist() != ids:
+                return "the shape ids differ from the shapes table"
+            for name, spec in arrays.items():
+                arr = group[name]
+                if tuple(arr.shape[1:]) != tuple(spec.row_shape) or str(arr.dtype) != spec.dtype:
+                    return f"array {name!r} has shape {arr.shape} {arr.dtype}"
+        except Exception as err:  # unreadable metadata: nothing to resume from
+            return f"unreadable ({type(err).__name__}: {err})"
+        return None
+
+    @classmethod
+    def _create(cls, path: Path, tmp: Path, ids: list[str], arrays: dict[str, ArraySpec],
+                params: dict, provenance: dict) -> "StoreWriter":
+        for name in arrays:
+            if name in RESERVED:
+                raise ValueError(f"array name {name!r} is reserved")
+        n = len(ids)
+        chunk = max([spec.chunk_rows for spec in arrays.values()] + [1])
+        group = zarr.open_group(tmp, mode="w")
+        group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
+        if n:
+            group["ids"][:] = np.asarray(ids, dtype=object)
+        for flag in ("done", "ok"):
+            group.create_array(flag, shape=(n,), dtype="bool", chunks=(chunk,), fill_value=False)
+        for name, spec in arrays.items():
+            group.create_array(name, shape=(n, *spec.row_shape), dtype=spec.dtype,
+                               chunks=(spec.chunk_rows, *spec.row_shape),
+                               compressors=_compressor(), fill_value=0)
+        group.attrs.update({"schema": SCHEMA_VERSION, "params": params,
+                            "provenance": _canonical(provenance), "complete": False})
+        return cls(path, group, arrays)
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.group["done"].chunks[0])
+
+    def done_mask(self) -> np.ndarray:
+        """Rows already written. A chunk whose mask cannot be read counts as not done."""
+        done = np.zeros(self.n, dtype=bool)
+        arr = self.group["done"]
+        for start in range(0, self.n, self.chunk_rows):
+            stop = min(start + self.chunk_rows, self.n)
+            try:
+                done[start:stop] = arr[start:stop]
+            except Exception:
+                pass
+        return done
+
+    def pending_blocks(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """Chunk-aligned blocks of row indices that still need work (optionally within ``rows``)."""
+        todo = ~self.done_mask()
+        if rows is not None:
+            keep = np.zeros(self.n, dtype=bool)
+            keep[rows] = True
+            todo &= keep
+        for start in range(0, self.n, self.chunk_rows):
+            block = np.flatnonzero(todo[start:start + self.chunk_rows]) + start
+            if block.size:
+                yield block
+
+    def write_rows(self, rows: np.ndarray, data: dict[str, np.ndarray], ok: np.ndarray) -> None:
+        """Write the data of ``rows`` (all within one chunk), then mark them done."""
+        rows = np.asarray(rows)
+        if rows.size == 0:
+            return
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        for name, values in data.items():
+            arr = self.group[name]
+            if lo // arr.chunks[0] != (hi - 1) // arr.chunks[0]:
+                raise ValueError("write_rows needs rows inside one chunk")
+            block = arr[lo:hi]
+            block[rows - lo] = values
+            arr[lo:hi] = block
+        flags = {"ok": np.asarray(ok, dtype=bool), "done": np.ones(rows.size, dtype=bool)}
+        for name in ("ok", "done"):  # done last: a row reads as done only when all is written
+            arr = self.group[name]
+            block = arr[lo:hi]
+            block[rows - lo] = flags[name]
+            arr[lo:hi] = block
+
+    @property
+    def _failure_log(self) -> Path:
+        return partial_path(self.path) / FAILURE_LOG
+
+    def record_failure(self, shape_id: str, stage: str, error: str, message: str) -> None:
+        """Append a failed row's reason; it survives a kill, so a resumed run still reports it."""
+        record = {"id": shape_id, "stage": stage, "error": error, "message": message}
+        with open(self._failure_log, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def failures(self) -> list[dict]:
+        """Recorded failures of rows that are done and not ok (latest record per id)."""
+        latest = read_failure_log(partial_path(self.path))
+        done, ok = self.done_mask(), np.asarray(self.group["ok"][:], dtype=bool)
+        failed_ids = set(_read_ids(self.group)[done & ~ok].tolist())
+        return [r for i, r in sorted(latest.items()) if i in failed_ids]
+
+    def finalise(self, provenance: dict | None = None) -> Path:
+        """Mark complete and rename into place. Refuses while rows are pending."""
+        pending = int((~self.done_mask()).sum())
+        if pending:
+            raise StoreError(f"{pending} rows of {partial_path(self.path)} are not done yet")
+        if provenance:
+            merged = dict(self.group.attrs.get("provenance", {}))
+            merged.update(_canonical(provenance))
+            self.group.attrs["provenance"] = merged
+        self.group.attrs["complete"] = True
+        tmp = partial_path(self.path)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        tmp.rename(self.path)
+        return self.path
+
+
+@dataclass
+class Store:
+    """A complete store opened read-only."""
+
+    path: Path
+    group: zarr.Group
+    ids: np.ndarray
+    ok: np.ndarray
+    attrs: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    @property
+    def params(self) -> dict:
+        return self.attrs.get("params", {})
+
+    @property
+    def provenance(self) -> dict:
+        return self.attrs.get("provenance", {})
+
+    def data_arrays(self) -> list[str]:
+        return sorted(k for k in self.group.array_keys() if k not in RESERVED)
+
+
+def open_store(path: str | Path, expect_ids: Sequence[str] | None = None,
+               expect_params: dict | None = None,
+               expect_arrays: dict[str, tuple[int, ...]] | None = None) -> Store:
+    """Open a complete store read-only and validate it, or raise StoreError saying what is wrong.
+
+    ``expect_params`` is matched key by key (only the keys given); ``expect_arrays`` maps an array
+    name to its expected per-row shape, where ``-1`` accepts any size on that axis.
+    """
+    path = Path(path)
+    if not path.exists():
+        hint = " (a partial store exists: rerun its stage to finish it)" if partial_path(path).exists() else ""
+        raise StoreError(f"{path} does not exist{hint}")
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+        ids = _read_ids(group)
+        ok = np.asarray(group["ok"][:], dtype=bool)
+    except Exception as err:
+        raise StoreError(f"{path} is not a readable recon store: {type(err).__name__}: {err}") from err
+    if not attrs.get("complete"):
+        raise StoreError(f"{path} is incomplete (its writer did not finish)")
+    if expect_ids is not None:
+        expect = np.asarray([str(i) for i in expect_ids])
+        if expect.shape != ids.shape:
+            raise StoreError(f"{path} has {ids.size} rows, the shapes table has {expect.size}")
+        bad = np.flatnonzero(expect != ids)
+        if bad.size:
+            i = int(bad[0])
+            raise StoreError(f"{path} is misaligned with the shapes table: row {i} is "
+                             f"{str(ids[i])!r}, expected {str(expect[i])!r} ({bad.size} rows differ)")
+    if expect_params:
+        found = attrs.get("params", {})
+        wanted = _canonical(expect_params)
+        problems = _diff(wanted, {k: found.get(k) for k in wanted})
+        if problems:
+            raise StoreError(f"{path} was made with other params: " + "; ".join(problems))
+    for name, row_shape in (expect_arrays or {}).items():
+        if name not in group:
+            raise StoreError(f"{path} has no array {name!r}")
+        shape = tuple(group[name].shape[1:])
+        if len(shape) != len(row_shape) or any(e not in (-1, s) for e, s in zip(row_shape, shape)):
+            raise StoreError(f"{path}: array {name!r} has rows of shape {shape}, expected {tuple(row_shape)}")
+    return Store(path=path, group=group, ids=ids, ok=ok, attrs=attrs)
+
+
+def to_polars(path: str | Path, shapes: str | Path | None = None):
+    """A store as a polars DataFrame: id, ok, (category, split from the shapes table), and every
+    data array as a fixed-size ``pl.Array`` column (one row per shape)."""
+    import polars as pl
+
+    store = open_store(path)
+    columns: dict[str, Any] = {"id": store.ids, "ok": store.ok}
+    for name in store.data_arrays():
+        values = np.asarray(store[name][:])
+        if values.dtype.kind == "f":
+            values = values.astype(np.float32)  # polars has no float16
+        columns[name] = pl.Series(name, values)  # rows of ndim > 1 become pl.Array
+    frame = pl.DataFrame(columns)
+    shapes = Path(shapes) if shapes else store.path.parent / "shapes.parquet"
+    if shapes.exists():
+        table = pl.read_parquet(shapes).select(["id", "category", "split"])
+        frame = frame.join(table, on="id", how="left").select(
+            ["id", "category", "split", *[c for c in frame.columns if c != "id"]])
+    return frame

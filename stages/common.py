@@ -1,0 +1,169 @@
+"""Helpers every stage shares: params, paths, progress bars, worker pools, failure tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+import traceback
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import polars as pl
+import yaml
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+console = Console(stderr=True)
+P = TypeVar("P")
+
+FAILURE_SCHEMA = {"id": pl.Utf8, "stage": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8}
+
+
+class StageError(RuntimeError):
+    """A stage cannot run; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where stores live: ``$RECON_CACHE`` or ``./cache``."""
+    return Path(os.environ.get("RECON_CACHE", "cache"))
+
+
+def params_file() -> Path:
+    return Path(os.environ.get("RECON_PARAMS", "params.yaml"))
+
+
+def load_params(cls: type[P], section: str, overrides: dict[str, Any] | None = None) -> P:
+    """Build a params dataclass: its defaults, then ``params.yaml[section]``, then overrides
+    (None values in overrides mean "not given")."""
+    values: dict[str, Any] = {}
+    path = params_file()
+    if path.exists():
+        values.update((yaml.safe_load(path.read_text()) or {}).get(section) or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise StageError(f"unknown key(s) in {path} section {section!r}: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(names))})")
+    return cls(**values)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, with the unit given to the progress bar."""
+
+    def __init__(self, unit: str = "shapes"):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
+
+
+def progress(unit: str = "shapes") -> Progress:
+    """A rich progress bar with count, rate, elapsed time and ETA."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+@dataclass
+class Outcome:
+    """What one unit of work gave: data, or an error class and message; plus its warnings."""
+
+    index: int
+    data: Any = None
+    error: str | None = None
+    message: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def _guarded(fn: Callable[[Any], Any], indexed_item: tuple[int, Any]) -> Outcome:
+    index, item = indexed_item
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = fn(item)
+            return Outcome(index, data=data, warnings=tuple(str(w.message) for w in caught))
+        except Exception as err:  # one bad input must not stop the stage
+            kind = getattr(err, "kind", None) or type(err).__name__
+            message = str(err) or traceback.format_exc(limit=1)
+            return Outcome(index, error=kind, message=message,
+                           warnings=tuple(str(w.message) for w in caught))
+
+
+def map_guarded(fn: Callable[[Any], Any], items: Iterable[tuple[int, Any]],
+                workers: int) -> Iterator[Outcome]:
+    """Apply ``fn`` to each (index, item), in order, in a pool of ``workers`` processes (or
+    in-process when 1). Exceptions become failed Outcomes."""
+    work = partial(_guarded, fn)
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked GL/torch state in workers
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(work, items, chunksize=1)
+
+
+def write_failures(stage: str, records: list[dict], folder: Path | None = None) -> Path:
+    """``cache/failures/<stage>.parquet``: one row per failed shape (written even when empty)."""
+    folder = folder or cache_dir() / "failures"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stage}.parquet"
+    table = pl.DataFrame(records, schema=FAILURE_SCHEMA) if records else pl.DataFrame(schema=FAILURE_SCHEMA)
+    tmp = path.with_suffix(".parquet.tmp")
+    table.write_parquet(tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_shapes(path: Path | None = None) -> pl.DataFrame:
+    path = path or cache_dir() / "shapes.parquet"
+    if not path.exists():
+        raise StageError(f"{path} not found: run `recon index ROOT` first")
+    return pl.read_parquet(path)
+
+
+def summarise(stage: str, n_total: int, n_failed: int, seconds: float, strict: bool,
+              failures_path: Path) -> None:
+    """Print the stage summary; raise under --strict when anything failed."""
+    ok = n_total - n_failed
+    style = "green" if not n_failed else "yellow"
+    console.print(f"[{style}]{stage}: {ok}/{n_total} shapes ok, {n_failed} failed "
+                  f"({seconds:.1f} s)[/]" + (f"; failures in {failures_path}" if n_failed else ""))
+    if strict and n_failed:
+        raise StageError(f"{stage}: {n_failed} shapes failed and --strict is set (see {failures_path})")
+
+
+def as_jsonable(params: Any) -> dict:
+    return json_safe(dataclasses.asdict(params))
+
+
+def json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,32 @@
+"""Stage `demo-data`: write the embedded procedural mesh set (ShapeNetCore.v2 layout)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.common import Timer, console
+
+
+@dataclass
+class DemoParams:
+    out: str = "cache/demo_meshes"
+    shapes_per_category: int = 24
+    seed: int = 0
+    categories: list[str] = field(default_factory=list)  # empty: all demo categories
+
+
+def run(p: DemoParams) -> Path:
+    from pipeline.demo import generate_demo
+
+    out = Path(p.out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with Timer() as timer:
+        paths = generate_demo(tmp, shapes_per_category=p.shapes_per_category, seed=p.seed,
+                              categories=p.categories or None)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    console.print(f"[green]demo-data: {len(paths)} meshes in {out} ({timer.seconds:.1f} s)[/]")
+    return out

@@ -1,0 +1,42 @@
+"""Stage `index`: a mesh folder → ``cache/shapes.parquet`` (one row per shape, with its split)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.discover import build_table
+from stages.common import as_jsonable, cache_dir, console, write_failures
+
+
+@dataclass
+class IndexParams:
+    root: str = "cache/demo_meshes"
+    split_dir: str | None = None  # folder with Point-BERT train.txt/test.txt; default: look in root
+    test_fraction: float = 0.2    # seeded, stratified split when no lists are found
+    seed: int = 0
+    limit: int | None = None      # keep only the first N shapes (by id), for a quick try
+
+
+def run(p: IndexParams, out: Path | None = None) -> pl.DataFrame:
+    out = out or cache_dir() / "shapes.parquet"
+    table, skipped, split_rule = build_table(Path(p.root), Path(p.split_dir) if p.split_dir else None,
+                                 p.test_fraction, p.seed, p.limit)
+    if table.is_empty():
+        raise SystemExit(f"index: no meshes found under {p.root}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"recon": json.dumps({"params": as_jsonable(p), "root": str(Path(p.root).resolve()),
+                                 "split_rule": split_rule})}
+    tmp = out.with_suffix(".parquet.tmp")
+    table.write_parquet(tmp, metadata=meta)
+    tmp.replace(out)
+    write_failures("index", [{"id": s.id, "stage": "index", "error": s.error, "message": s.message}
+                             for s in skipped], out.parent / "failures")
+    counts = table.group_by("category", "split").len().sort("category", "split")
+    console.print(f"[green]index: {table.height} shapes in {table['category'].n_unique()} categories "
+                  f"→ {out}[/]" + (f"; {len(skipped)} skipped (see failures/index.parquet)" if skipped else ""))
+    console.print(counts.pivot(on="split", index="category", values="len").fill_null(0))
+    return table

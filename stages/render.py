@@ -1,0 +1,76 @@
+"""Stage `render`: every shape's mesh → RGB views in ``cache/renders.zarr`` (+ a contact sheet)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import ArraySpec, open_store
+from stages.common import as_jsonable, cache_dir, console, read_shapes
+from stages.per_shape import run_per_shape
+
+
+@dataclass
+class RenderParams:
+    resolution: int = 224
+    views: list[list[float]] = field(default_factory=lambda: [[30.0, 20.0]])  # [azimuth, elevation] deg
+    distance: float = 2.5           # camera distance, in radii of the unit-sphere-normalised shape
+    yfov_deg: float = 40.0
+    light_intensity: float = 3.0
+    ambient: float = 0.35
+    workers: int = 2
+    chunk_rows: int = 8
+    limit: int | None = None
+    strict: bool = False
+    preview_per_category: int = 4
+
+
+def render_config(p: RenderParams):
+    from pipeline.render import RenderConfig
+
+    return RenderConfig(resolution=p.resolution, views=[tuple(v) for v in p.views],
+                        distance=p.distance, yfov_deg=p.yfov_deg,
+                        light_intensity=p.light_intensity, ambient=p.ambient)
+
+
+def _render_row(config, row: dict) -> dict[str, np.ndarray]:
+    from pipeline.render import render_views
+
+    return {"images": render_views(row["mesh_path"], config)}
+
+
+def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) -> Path:
+    table = read_shapes(shapes)
+    out = out or cache_dir() / "renders.zarr"
+    config = render_config(p)
+    store_params = {k: v for k, v in as_jsonable(p).items()
+                    if k not in ("workers", "limit", "strict", "preview_per_category")}
+    arrays = {"images": ArraySpec((len(p.views), p.resolution, p.resolution, 3), "uint8", p.chunk_rows)}
+    provenance = {"renderer": "pyrender (OpenGL offscreen, EGL)", "camera": "perspective, looking at the origin",
+                  "normalisation": "unit sphere", "background": "white", "colour": "RGB"}
+    complete = run_per_shape("render", table, out, arrays, store_params, provenance,
+                             partial(_render_row, config), p.workers, p.limit, p.strict,
+                             failures_dir=out.parent / "failures")
+    if complete:
+        write_preview(out, table, out.parent / "renders_preview.png", p.preview_per_category)
+    return out
+
+
+def write_preview(store_path: Path, table, png: Path, per_category: int = 4) -> Path:
+    """A labelled contact sheet: the first view of a few ok shapes per category."""
+    from pipeline.render import contact_sheet
+
+    store = open_store(store_path)
+    images, labels = [], []
+    ok_rows = [(i, row) for i, row in enumerate(table.iter_rows(named=True)) if store.ok[i]]
+    for category in sorted({row["category"] for _, row in ok_rows}):
+        for i, row in [(i, r) for i, r in ok_rows if r["category"] == category][:per_category]:
+            images.append(np.asarray(store["images"][i, 0]))
+            labels.append(f"{category} {row['id'].split('-')[-1][:8]}")
+    if images:
+        contact_sheet(images, labels, columns=per_category).save(png)
+        console.print(f"preview: {png}")
+    return png
