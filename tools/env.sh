@@ -53,7 +53,10 @@ ensure_venv() {
         touch "$VENV/.complete"
     fi
     # The venv is shared between clones: point its editable install at this clone.
-    if [ "$("$VENV/bin/python" -c 'import pathlib, cli; print(pathlib.Path(cli.__file__).resolve().parent)' 2>/dev/null)" != "$ROOT" ]; then
+    local installed
+    installed=$(cd / && "$VENV/bin/python" -c 'import pathlib, cli; print(pathlib.Path(cli.__file__).resolve().parent)' 2>/dev/null || true)
+    if [ "$installed" != "$ROOT" ] || [ ! -x "$VENV/bin/recon" ]; then
+        say "installing this clone ($ROOT) into the environment (editable)"
         "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
     fi
 }
