@@ -30,7 +30,7 @@ def _run(fn, *args):
 
     try:
         return fn(*args)
-    except (StageError, StoreError, FileNotFoundError) as err:
+    except (StageError, StoreError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(1)
 
@@ -88,6 +88,58 @@ def sample(points: Optional[int] = typer.Option(None, help="[params: sample.poin
 
     p = load_params(stage.SampleParams, "sample", dict(points=points, seed=seed, workers=workers,
                                                        limit=limit, strict=strict))
+    _run(stage.run, p)
+
+
+@app.command("embed")
+def embed(image_teacher: Optional[str] = typer.Option(None, help="timm:<model> | open_clip:<model> | efficientnet_lite0 [params: embed.image_teacher]"),
+          text_teacher: Optional[str] = typer.Option(None, help="open_clip:<model> | minilm [params: embed.text_teacher]"),
+          image_weights: Optional[str] = typer.Option(None, help="local weights file, or 'random' [params: embed.image_weights]"),
+          text_weights: Optional[str] = typer.Option(None, help="local weights file, or 'random' [params: embed.text_weights]"),
+          variants: Optional[int] = typer.Option(None, help="augmented variants per view [params: embed.variants]"),
+          batch_size: Optional[int] = typer.Option(None, help="[params: embed.batch_size]"),
+          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:i] [params: embed.device]"),
+          limit: Optional[int] = LIMIT) -> None:
+    """Embed renders and prompts with the frozen teachers into teachers/{image,text}.zarr (torchrun: sharded)."""
+    from pipeline.teachers import TeacherUnavailable
+    from stages import embed as stage
+    from stages.common import console, load_params
+
+    p = load_params(stage.EmbedParams, "embed", dict(
+        image_teacher=image_teacher, text_teacher=text_teacher, image_weights=image_weights,
+        text_weights=text_weights, variants=variants, batch_size=batch_size, device=device, limit=limit))
+    try:
+        _run(stage.run, p)
+    except TeacherUnavailable as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect(store: Path = typer.Argument(Path("cache"), help="a store, or the cache folder"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+            parquet: Optional[Path] = typer.Option(None, help="export the store as a parquet table"),
+            k: int = typer.Option(5, help="neighbours for the kNN category accuracy")) -> None:
+    """Counts, failures, provenance and teacher sanity (cosine, kNN accuracy) of cached stores."""
+    from stages import inspect as stage
+
+    _run(stage.run, store, as_json, parquet, k)
+
+
+@app.command("pretrain")
+def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | base [params: pretrain.variant]"),
+             epochs: Optional[int] = typer.Option(None, help="[params: pretrain.epochs]"),
+             batch_size: Optional[int] = typer.Option(None, help="global batch [params: pretrain.batch_size]"),
+             micro_batch: Optional[int] = typer.Option(None, help="per-forward batch; accumulation fills the rest"),
+             lr: Optional[float] = typer.Option(None, help="[params: pretrain.lr]"),
+             device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [params: pretrain.device]"),
+             compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
+             max_steps: Optional[int] = typer.Option(None, help="stop after N optimiser steps (smoke test)")) -> None:
+    """Pretrain the ReCon student on points + cached teacher targets (torchrun: DDP)."""
+    from stages import pretrain as stage
+
+    p = stage.params(dict(variant=variant, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
+                          lr=lr, device=device, compile=compile, max_steps=max_steps))
     _run(stage.run, p)
 
 

@@ -218,6 +218,15 @@ class StoreWriter:
             block[rows - lo] = flags[name]
             arr[lo:hi] = block
 
+    def add_array(self, name: str, values: np.ndarray, dtype: str | type = str) -> None:
+        """A small whole array that is not per row (e.g. the prompt templates)."""
+        if name in RESERVED:
+            raise ValueError(f"array name {name!r} is reserved")
+        arr = self.group.create_array(name, shape=values.shape, dtype=dtype, overwrite=True,
+                                      chunks=tuple(max(s, 1) for s in values.shape))
+        if values.size:
+            arr[...] = values
+
     @property
     def _failure_log(self) -> Path:
         return partial_path(self.path) / FAILURE_LOG
@@ -330,13 +339,18 @@ def to_polars(path: str | Path, shapes: str | Path | None = None):
     store = open_store(path)
     columns: dict[str, Any] = {"id": store.ids, "ok": store.ok}
     for name in store.data_arrays():
+        if store[name].shape[0] != store.ids.size:
+            continue  # not per row (e.g. templates)
         values = np.asarray(store[name][:])
         if values.dtype.kind == "f":
             values = values.astype(np.float32)  # polars has no float16
         columns[name] = pl.Series(name, values)  # rows of ndim > 1 become pl.Array
     frame = pl.DataFrame(columns)
-    shapes = Path(shapes) if shapes else store.path.parent / "shapes.parquet"
-    if shapes.exists():
+    shapes = Path(shapes) if shapes else next(
+        (d / "shapes.parquet" for d in (store.path.parent, store.path.parent.parent)
+         if (d / "shapes.parquet").exists()), None)
+    per_shape = "templates" not in store.data_arrays()  # the text store's rows are categories
+    if shapes is not None and shapes.exists() and per_shape:
         table = pl.read_parquet(shapes).select(["id", "category", "split"])
         frame = frame.join(table, on="id", how="left").select(
             ["id", "category", "split", *[c for c in frame.columns if c != "id"]])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -17,10 +17,12 @@ from stages.per_shape import run_per_shape
 class RenderParams:
     resolution: int = 224
     views: list[list[float]] = field(default_factory=lambda: [[30.0, 20.0]])  # [azimuth, elevation] deg
-    distance: float = 2.5           # camera distance, in radii of the unit-sphere-normalised shape
+    distance_factor: float = 1.05   # × the distance at which the unit sphere fills the field of view
     yfov_deg: float = 40.0
     light_intensity: float = 3.0
+    fill_fraction: float = 0.35
     ambient: float = 0.35
+    smooth: bool = False
     workers: int = 2
     chunk_rows: int = 8
     limit: int | None = None
@@ -29,11 +31,11 @@ class RenderParams:
 
 
 def render_config(p: RenderParams):
+    """The renderer's config from the stage params (same names)."""
     from pipeline.render import RenderConfig
 
-    return RenderConfig(resolution=p.resolution, views=[tuple(v) for v in p.views],
-                        distance=p.distance, yfov_deg=p.yfov_deg,
-                        light_intensity=p.light_intensity, ambient=p.ambient)
+    values = {f.name: getattr(p, f.name) for f in fields(RenderConfig) if hasattr(p, f.name)}
+    return RenderConfig(**{**values, "views": [tuple(v) for v in p.views]})
 
 
 def _render_row(config, row: dict) -> dict[str, np.ndarray]:
@@ -49,8 +51,7 @@ def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) ->
     store_params = {k: v for k, v in as_jsonable(p).items()
                     if k not in ("workers", "limit", "strict", "preview_per_category")}
     arrays = {"images": ArraySpec((len(p.views), p.resolution, p.resolution, 3), "uint8", p.chunk_rows)}
-    provenance = {"renderer": "pyrender (OpenGL offscreen, EGL)", "camera": "perspective, looking at the origin",
-                  "normalisation": "unit sphere", "background": "white", "colour": "RGB"}
+    provenance = config.provenance()
     complete = run_per_shape("render", table, out, arrays, store_params, provenance,
                              partial(_render_row, config), p.workers, p.limit, p.strict,
                              failures_dir=out.parent / "failures")

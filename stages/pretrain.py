@@ -1,0 +1,87 @@
+"""Stage `pretrain`: train the ReCon student on points + cached teacher targets.
+
+Outputs (``cache/pretrain/``): ``checkpoints/epoch-NNNN.pt`` (the last k), ``model.pt`` (final
+weights + config), ``history.csv`` (per-epoch losses, lr, samples/s) and ``metrics.json``
+(final losses and the k-NN probe accuracy of pretrained vs randomly initialised features on the
+test split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from recon.data import fixed_subset
+from recon.pretrain import PretrainParams, build_model, extract_features, knn_probe, train
+from stages.common import cache_dir, console, load_params
+
+
+class LossBar:
+    """A rich progress bar for one epoch showing the running loss terms."""
+
+    def __init__(self, title: str, total: int):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), console=console)
+        self.progress.start()
+        self.task = self.progress.add_task(title, total=total, losses="")
+
+    def update(self, **losses: float) -> None:
+        self.progress.update(self.task, advance=1,
+                             losses=" ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
+    """k-NN (k=5, cosine) accuracy on the test split from train-split features: pretrained vs
+    the same architecture at random init. Reported, not asserted on."""
+    split = stores.shapes["split"].to_numpy()
+    usable = np.zeros(len(split), dtype=bool)
+    usable[stores.rows] = True
+    train_rows = np.flatnonzero(usable & (split == "train"))
+    test_rows = np.flatnonzero(usable & (split == "test"))
+    if len(train_rows) == 0 or len(test_rows) == 0:
+        return {}
+    clouds = {name: np.stack([fixed_subset(stores.points[r], n_points, seed) for r in rows])
+              for name, rows in (("train", train_rows), ("test", test_rows))}
+    labels = {name: stores.category_index[rows] for name, rows in (("train", train_rows), ("test", test_rows))}
+    torch.manual_seed(seed)
+    random_model = build_model_like(model).to(device)
+    result = {}
+    for tag, net in (("pretrained", model), ("random_init", random_model)):
+        feats = {name: extract_features(net, clouds[name], device=device) for name in clouds}
+        result[f"knn5_test_acc_{tag}"] = knn_probe(feats["train"], labels["train"], feats["test"], labels["test"])
+    result["test_shapes"] = int(len(test_rows))
+    return result
+
+
+def build_model_like(model):
+    return type(model)(model.cfg)
+
+
+def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -> dict:
+    cache = cache or cache_dir()
+    out = out or cache / "pretrain"
+    result = train(p, cache, out, progress_factory=LossBar, log=console.print)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    model, history = result["model"], result["history"]
+    device = next(model.parameters()).device
+    metrics = {k: v for k, v in history[-1].items() if k.startswith("loss") or k == "samples_per_s"}
+    metrics["epochs"] = len(history)
+    metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
+    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(model.cfg.__dict__, default=list)),
+                "categories": result["stores"].categories}, out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    console.print(f"[green]pretrain: done → {out}[/]", metrics)
+    return metrics
+
+
+def params(overrides: dict | None = None) -> PretrainParams:
+    return load_params(PretrainParams, "pretrain", overrides)
