@@ -47,6 +47,7 @@ class PretrainStores:
     category_index: np.ndarray  # [N] row -> index into text categories
     categories: list[str]
     excluded: int
+    fingerprint: dict           # params of the stores read, for checkpoint compatibility
 
     @property
     def image_dim(self) -> int:
@@ -70,12 +71,14 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
     ids = shapes["id"].to_list()
     points = open_store(cache / "points.zarr", expect_ids=ids, expect_arrays={"points": (-1, 3)})
     ok = points.ok.copy()
+    fingerprint = {"points": points.params}
     image = text = None
     if use_image:
         image_store = open_store(cache / "teachers" / "image.zarr", expect_ids=ids,
                                  expect_arrays={"features": (-1, -1, -1)})
         image = np.asarray(image_store["features"][:])
         ok &= image_store.ok
+        fingerprint["image"] = image_store.params
     categories = sorted(shapes["category"].unique().to_list())
     if use_text:
         text_store = open_store(cache / "teachers" / "text.zarr", expect_arrays={"features": (-1, -1)})
@@ -84,6 +87,7 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
             raise StoreError(f"{text_store.path} has no prompts for categories {missing}: rerun embed")
         text = np.asarray(text_store["features"][:])
         categories = text_store.ids.tolist()
+        fingerprint["text"] = text_store.params
     lookup = {c: i for i, c in enumerate(categories)}
     category_index = np.array([lookup[c] for c in shapes["category"].to_list()])
     if split is not None:
@@ -93,7 +97,7 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
     data = np.asarray(array[:]) if nbytes <= PRELOAD_LIMIT_BYTES else array
     return PretrainStores(shapes=shapes, rows=np.flatnonzero(ok), points=data, image=image, text=text,
                           category_index=category_index, categories=categories,
-                          excluded=int(len(ids) - ok.sum()))
+                          excluded=int(len(ids) - ok.sum()), fingerprint=fingerprint)
 
 
 class PretrainDataset(Dataset):

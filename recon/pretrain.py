@@ -11,6 +11,7 @@ import dataclasses
 import json
 from contextlib import nullcontext
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +109,16 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     resume = trainstate.latest(ckpt_dir)
     if resume is not None:
         state = trainstate.load(resume)
-        if state.get("params") != _jsonable(p):
-            raise ValueError(f"{resume} was made with other pretraining params; move {ckpt_dir} away "
-                             "or restore the params to resume")
+        if state.get("run") != run_identity(p, stores):
+            aside = ckpt_dir.with_name("checkpoints.previous")
+            if d.is_main:
+                log(f"[yellow]pretrain: {ckpt_dir} holds a run with other params; moved to {aside}, "
+                    "starting afresh[/]")
+                shutil.rmtree(aside, ignore_errors=True)
+                ckpt_dir.rename(aside)
+            d.barrier()
+            resume = None
+    if resume is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], json.loads(state["history"])
@@ -179,6 +187,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
             trainstate.save(ckpt_dir, epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "step": step, "rng": trainstate.rng_state(), "params": _jsonable(p),
+                "run": run_identity(p, stores),
                 "config": _jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
             _write_history(out, history)
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
@@ -186,6 +195,16 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         if p.max_steps is not None and step >= p.max_steps:
             break
     return {"history": history, "model": model, "stores": stores}
+
+
+RUNTIME_ONLY = ("device", "loader_workers", "compile", "keep_last", "max_steps")
+
+
+def run_identity(p: PretrainParams, stores) -> dict:
+    """What a resumed run must share with the checkpoint: params (less runtime-only knobs) and
+    the params of the stores it trains on."""
+    params = {k: v for k, v in _jsonable(p).items() if k not in RUNTIME_ONLY}
+    return {"params": params, "stores": stores.fingerprint}
 
 
 def _write_history(out: Path, history: list[dict]) -> None:

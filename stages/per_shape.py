@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +66,7 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
                     console.print(f"[red]failed[/] {shape_id}: {outcome.error}: {outcome.message}")
                 bar.advance(task)
             writer.write_rows(block, data, ok)
+            _fault_injection(block)
 
     failures = writer.failures()
     n_pending = int((~writer.done_mask()).sum())
@@ -75,6 +78,14 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
     path = write_failures(stage, failures, failures_dir)
     summarise(stage, len(ids), len(failures), timer.seconds, strict, path)
     return True
+
+
+def _fault_injection(block: np.ndarray) -> None:
+    """Tests kill the stage (SIGKILL, no cleanup) after the block holding row
+    ``$RECON_KILL_AFTER_ROW`` is written, to prove that a resumed run loses nothing."""
+    target = os.environ.get("RECON_KILL_AFTER_ROW")
+    if target is not None and int(target) in block:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _failures_file(stage: str, failures_dir: Path | None) -> Path:

@@ -29,14 +29,14 @@ def _sample_row(n_points: int, seed: int, row: dict) -> dict[str, np.ndarray]:
     return {"points": sample_shape(row["mesh_path"], n_points, seed, row["id"])}
 
 
-def run(p: SampleParams, shapes: Path | None = None, out: Path | None = None) -> Path:
+def run(p: SampleParams, shapes: Path | None = None, out: Path | None = None) -> bool:
+    """Sample every shape; True when the store is complete (False: stopped by --limit)."""
     table = read_shapes(shapes)
     out = out or cache_dir() / "points.zarr"
     store_params = {k: v for k, v in as_jsonable(p).items() if k in ("points", "seed", "chunk_rows")}
     provenance = {"sampler": "trimesh area-weighted surface sampling, seeded per shape id",
                   "normalisation": "centred on the sample mean, scaled to max norm 1"}
     arrays = {"points": ArraySpec((p.points, 3), "float32", p.chunk_rows)}
-    run_per_shape("sample", table, out, arrays, store_params, provenance,
-                  partial(_sample_row, p.points, p.seed), p.workers, p.limit, p.strict,
-                  failures_dir=out.parent / "failures")
-    return out
+    return run_per_shape("sample", table, out, arrays, store_params, provenance,
+                         partial(_sample_row, p.points, p.seed), p.workers, p.limit, p.strict,
+                         failures_dir=out.parent / "failures")

@@ -1,0 +1,158 @@
+"""The data stages end to end through the CLI: demo-data, index, render, sample, bad input,
+kill-and-resume, --limit, --strict."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.store import open_store, partial_path
+
+runner = CliRunner()
+CATEGORIES = ["chair", "mug", "airplane"]
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result
+
+
+def add_bad_meshes(root: Path) -> None:
+    """Shapes that must fail (recorded, not fatal) next to the good ones, in a plain folder."""
+    bad = root / "broken"
+    bad.mkdir(parents=True)
+    (bad / "empty.obj").write_text("")
+    (bad / "nan.obj").write_text("v nan 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (bad / "flat.obj").write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n")
+    (bad / "truncated.glb").write_bytes(b"glTF\x02\x00\x00\x00\xff\xff")
+    (bad / "notes.docx").write_text("not a mesh")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A cache with a tiny demo (3 categories × 3 shapes) plus bad meshes, indexed."""
+    work = tmp_path_factory.mktemp("stages")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECON_CACHE", str(work / "cache"))
+        mp.setenv("RECON_PARAMS", str(work / "params.yaml"))
+        yield _make_workdir(work)
+
+
+def _make_workdir(work: Path) -> Path:
+    (work / "params.yaml").write_text(
+        "demo: {shapes_per_category: 3, categories: [chair, mug, airplane]}\n"
+        "render: {resolution: 64, workers: 1, chunk_rows: 4}\n"
+        "sample: {points: 512, workers: 1, chunk_rows: 4}\n")
+    meshes = work / "meshes"
+    assert invoke("demo-data", str(meshes)).exit_code == 0
+    add_bad_meshes(meshes)
+    result = invoke("index", str(meshes))
+    assert result.exit_code == 0, result.output
+    return work
+
+
+def test_index_table(workdir):
+    table = pl.read_parquet(workdir / "cache" / "shapes.parquet")
+    assert table.height == 9 + 4
+    assert set(table["category"]) == {"chair", "mug", "airplane", "broken"}
+    assert set(table["split"]) == {"train", "test"}
+    skipped = pl.read_parquet(workdir / "cache" / "failures" / "index.parquet")
+    assert skipped["error"].to_list() == ["unsupported"]
+
+
+def test_render_and_sample_record_failures(workdir):
+    cache = workdir / "cache"
+    result = invoke("render")
+    assert result.exit_code == 0, result.output
+    result = invoke("sample", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    table = pl.read_parquet(cache / "shapes.parquet")
+    broken = (table["category"] == "broken").to_numpy()
+    for name, array, row_shape in (("renders.zarr", "images", (1, 64, 64, 3)), ("points.zarr", "points", (512, 3))):
+        store = open_store(cache / name, expect_ids=table["id"].to_list())
+        assert store[array].shape[1:] == row_shape
+        np.testing.assert_array_equal(store.ok, ~broken)
+    renders = open_store(cache / "renders.zarr")
+    good = renders["images"][int(np.flatnonzero(~broken)[0]), 0]
+    assert good[0, 0].tolist() == [255, 255, 255] and good.min() < 200  # white background, a shape
+    points = open_store(cache / "points.zarr")["points"][0]
+    assert points.dtype == np.float32
+    assert abs(np.linalg.norm(points, axis=1).max() - 1) < 1e-5
+    for stage in ("render", "sample"):
+        failures = pl.read_parquet(cache / "failures" / f"{stage}.parquet")
+        assert sorted(failures["id"]) == ["broken-empty", "broken-flat", "broken-nan", "broken-truncated"]
+        assert set(failures["stage"]) == {stage}
+        kinds = dict(zip(failures["id"], failures["error"]))
+        assert kinds["broken-nan"] == "nan_vertices" and kinds["broken-flat"] == "zero_area"
+    assert (cache / "renders_preview.png").stat().st_size > 1000
+    # --strict turns recorded failures into a non-zero exit; the store stays valid
+    assert invoke("sample", "--strict").exit_code == 1
+
+
+def test_sample_is_independent_of_worker_count(workdir, tmp_path):
+    out = tmp_path / "points1.zarr"
+    from stages import sample
+    sample.run(sample.SampleParams(points=512, workers=1, chunk_rows=4), out=out)
+    a = open_store(out)["points"][:]
+    b = open_store(workdir / "cache" / "points.zarr")["points"][:]  # made with 2 workers
+    np.testing.assert_array_equal(a, b)
+
+
+def _stage_subprocess(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    code = "import sys; from cli import app; sys.argv = ['recon', *sys.argv[1:]]; app()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("stage,store,array", [("sample", "points.zarr", "points"),
+                                               ("render", "renders.zarr", "images")])
+def test_sigkill_then_resume_equals_uninterrupted(workdir, tmp_path, stage, store, array):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shapes.parquet").write_bytes((workdir / "cache" / "shapes.parquet").read_bytes())
+    env = {"RECON_CACHE": str(cache)}
+    killed = _stage_subprocess(workdir, stage, "--workers", "1", env={**env, "RECON_KILL_AFTER_ROW": "5"})
+    assert killed.returncode == -9, killed.stderr
+    partial = partial_path(cache / store)
+    assert partial.exists() and not (cache / store).exists()
+    with pytest.raises(Exception, match="partial store exists"):
+        open_store(cache / store)
+    resumed = _stage_subprocess(workdir, stage, "--workers", "1", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr + resumed.stdout
+    assert "8/13 rows already done" in " ".join((resumed.stderr + resumed.stdout).split())
+    a, b = open_store(cache / store), open_store(workdir / "cache" / store)
+    np.testing.assert_array_equal(a[array][:], b[array][:])
+    np.testing.assert_array_equal(a.ok, b.ok)
+    failures = pl.read_parquet(cache / "failures" / f"{stage}.parquet")
+    assert failures.height == 4  # failures recorded before the kill are still reported
+
+
+def test_limit_leaves_a_resumable_partial_store(workdir, tmp_path):
+    from stages import sample
+    out = tmp_path / "p.zarr"
+    assert not sample.run(sample.SampleParams(points=512, workers=1, chunk_rows=4, limit=3), out=out)
+    assert not out.exists() and partial_path(out).exists()
+    assert sample.run(sample.SampleParams(points=512, workers=1, chunk_rows=4), out=out)
+    assert open_store(out).ok.sum() == 9
+
+
+def test_help_lists_stages():
+    result = invoke("--help")
+    for stage in ("demo-data", "index", "render", "sample", "embed", "inspect", "pretrain"):
+        assert stage in result.output
+
+
+def test_missing_shapes_table_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "nothing"))
+    result = invoke("sample")
+    assert result.exit_code == 1
+    assert "recon index" in result.output
