@@ -1,0 +1,175 @@
+"""Name mapping between reference ReCon state dicts and ``recon.model`` modules.
+
+Reference pretraining keys look like ``MAE_encoder.blocks.blocks.0.attn_contrast.kv.weight``,
+``MAE_decoder.*``, ``increase_dim.0.*``, ``img_proj.*``, ``mask_token``; fine-tuning keys
+drop ``MAE_encoder.`` and add ``cls_head_finetune.*``. Saved checkpoints may carry a
+leading ``module.`` (DataParallel), which is stripped.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from os import PathLike
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+Rule = tuple[str, str]   # (reference template, our template); {i}, {p} are placeholders
+
+_PARAM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+ENCODER_RULES: list[Rule] = [
+    *[(f"{q}_{s}", f"{q}_{s}") for q in ("cls", "img", "text") for s in ("token", "pos")],
+    ("encoder.first_conv.0.{p}", "patch_embed.conv1.{p}"),
+    ("encoder.first_conv.1.{p}", "patch_embed.bn1.{p}"),
+    ("encoder.first_conv.3.{p}", "patch_embed.conv2.{p}"),
+    ("encoder.second_conv.0.{p}", "patch_embed.conv3.{p}"),
+    ("encoder.second_conv.1.{p}", "patch_embed.bn3.{p}"),
+    ("encoder.second_conv.3.{p}", "patch_embed.conv4.{p}"),
+    ("pos_embed.0.{p}", "pos_embed.fc1.{p}"),
+    ("pos_embed.2.{p}", "pos_embed.fc2.{p}"),
+    *[(f"blocks.blocks.{{i}}.{ref}{suffix}.{{p}}", f"blocks.{{i}}.{branch}_{ours}.{{p}}")
+      for suffix, branch in (("", "patch"), ("_contrast", "query"))
+      for ref, ours in (("norm1", "norm1"), ("norm2", "norm2"))],
+    *[(f"blocks.blocks.{{i}}.{ref}.{{p}}", f"blocks.{{i}}.{ours}.{{p}}")
+      for ref, ours in (("attn.qkv", "patch_attn.qkv"), ("attn.proj", "patch_attn.proj"),
+                        ("mlp.fc1", "patch_mlp.fc1"), ("mlp.fc2", "patch_mlp.fc2"),
+                        ("attn_contrast.q", "query_attn.q"), ("attn_contrast.kv", "query_attn.kv"),
+                        ("attn_contrast.proj", "query_attn.proj"),
+                        ("mlp_contrast.fc1", "query_mlp.fc1"), ("mlp_contrast.fc2", "query_mlp.fc2"))],
+    ("norm.{p}", "norm.{p}"),
+]
+
+PRETRAIN_RULES: list[Rule] = [
+    ("mask_token", "mask_token"),
+    *[(f"MAE_encoder.{ref}", f"encoder.{ours}") for ref, ours in ENCODER_RULES],
+    ("decoder_pos_embed.0.{p}", "decoder_pos_embed.fc1.{p}"),
+    ("decoder_pos_embed.2.{p}", "decoder_pos_embed.fc2.{p}"),
+    *[(f"MAE_decoder.blocks.{{i}}.{m}.{{p}}", f"decoder.blocks.{{i}}.{m}.{{p}}")
+      for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")],
+    ("MAE_decoder.norm.{p}", "decoder.norm.{p}"),
+    ("increase_dim.0.{p}", "rebuild_head.{p}"),          # Conv1d(k=1) -> Linear
+    ("img_proj.{p}", "img_proj.{p}"),
+    ("text_proj.{p}", "text_proj.{p}"),
+    ("cls_proj.{i}.{p}", "cls_proj.{i}.{p}"),            # only with the SMC target
+]
+
+FINETUNE_RULES: list[Rule] = [
+    *[(ref, f"encoder.{ours}") for ref, ours in ENCODER_RULES],
+    ("cls_head_finetune.{i}.{p}", "head.{i}.{p}"),
+]
+
+RULES = {"pretrain": PRETRAIN_RULES, "finetune": FINETUNE_RULES}
+
+
+def _compile(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    pattern = pattern.replace(r"\{i\}", r"(?P<i>\d+)")
+    pattern = pattern.replace(r"\{p\}", "(?P<p>" + "|".join(_PARAM) + ")")
+    return re.compile(pattern)
+
+
+_COMPILED = {kind: [(_compile(a), b, _compile(b), a) for a, b in rules] for kind, rules in RULES.items()}
+
+
+def _rename(key: str, kind: str, reverse: bool) -> str | None:
+    for ref_re, ours_t, ours_re, ref_t in _COMPILED[kind]:
+        m = (ours_re if reverse else ref_re).fullmatch(key)
+        if m:
+            return (ref_t if reverse else ours_t).format(**m.groupdict())
+    return None
+
+
+def our_name(reference_key: str, kind: str = "pretrain") -> str | None:
+    """Our name for one reference key (no ``module.``), or None if no rule matches."""
+    return _rename(reference_key, kind, reverse=False)
+
+
+def reference_name(our_key: str, kind: str = "pretrain") -> str | None:
+    """Reference name for one of our keys, or None if no rule matches."""
+    return _rename(our_key, kind, reverse=True)
+
+
+def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    """Drop a leading ``prefix`` from every key that has it."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def detect_kind(state_dict: Mapping[str, Tensor]) -> str:
+    """``pretrain`` if any key lives under MAE_encoder./MAE_decoder., else ``finetune``."""
+    keys = strip_prefix(state_dict).keys()
+    return "pretrain" if any(k.startswith(("MAE_encoder.", "MAE_decoder.")) for k in keys) else "finetune"
+
+
+def _to_ours_tensor(our_key: str, v: Tensor) -> Tensor:
+    return v.squeeze(-1) if our_key == "rebuild_head.weight" and v.ndim == 3 else v
+
+
+def _to_ref_tensor(ref_key: str, v: Tensor) -> Tensor:
+    return v.unsqueeze(-1) if ref_key == "increase_dim.0.weight" and v.ndim == 2 else v
+
+
+def reference_to_ours(state_dict: Mapping[str, Tensor], kind: str = "pretrain") -> dict[str, Tensor]:
+    """Rename a reference state dict (``module.`` optional) to our names.
+
+    ``kind`` is ``pretrain``, ``finetune`` or ``auto``. Raises KeyError naming every
+    reference key that no rule consumes.
+    """
+    state_dict = strip_prefix(state_dict)
+    kind = detect_kind(state_dict) if kind == "auto" else kind
+    out, unconsumed = {}, []
+    for k, v in state_dict.items():
+        ours = _rename(k, kind, reverse=False)
+        if ours is None:
+            unconsumed.append(k)
+        else:
+            out[ours] = _to_ours_tensor(ours, v)
+    if unconsumed:
+        raise KeyError(f"{len(unconsumed)} reference keys not consumed ({kind}): {unconsumed}")
+    return out
+
+
+def ours_to_reference(state_dict: Mapping[str, Tensor], kind: str = "pretrain") -> dict[str, Tensor]:
+    """Inverse of :func:`reference_to_ours`; raises KeyError naming unmapped keys."""
+    out, unmapped = {}, []
+    for k, v in state_dict.items():
+        ref = _rename(k, kind, reverse=True)
+        if ref is None:
+            unmapped.append(k)
+        else:
+            out[ref] = _to_ref_tensor(ref, v)
+    if unmapped:
+        raise KeyError(f"{len(unmapped)} keys have no reference name ({kind}): {unmapped}")
+    return out
+
+
+def load_reference_checkpoint(path: str | PathLike) -> dict[str, Tensor]:
+    """Load a reference ``.pth`` and return its ``base_model`` state dict, ``module.`` stripped."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    sd = ckpt["base_model"] if isinstance(ckpt, Mapping) and "base_model" in ckpt else ckpt
+    return strip_prefix(sd)
+
+
+def load_reference_into(model: nn.Module, source: str | PathLike | Mapping[str, Tensor],
+                        kind: str = "auto") -> nn.Module:
+    """Map a reference checkpoint (path or state dict) and load it strictly into ``model``."""
+    sd = load_reference_checkpoint(source) if not isinstance(source, Mapping) else source
+    model.load_state_dict(reference_to_ours(sd, kind), strict=True)
+    return model
+
+
+def init_classifier_from_pretrain(classifier: nn.Module, pretrain_state_dict: Mapping[str, Tensor],
+                                  prefix: str = "encoder.") -> tuple[list[str], list[str]]:
+    """Load the encoder part of a pretraining state dict (our names) non-strictly.
+
+    Like the reference: keys under ``encoder.`` load into the classifier's encoder, the head
+    stays freshly initialised. Returns (missing classifier keys, ignored pretrain keys).
+    BatchNorm ``num_batches_tracked`` buffers are never reported missing (PyTorch fills them).
+    """
+    sd = strip_prefix(pretrain_state_dict)
+    loadable = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    result = classifier.load_state_dict(loadable, strict=False)
+    ignored = [k for k in sd if not k.startswith(prefix)] + list(result.unexpected_keys)
+    return list(result.missing_keys), ignored
+

@@ -1,0 +1,533 @@
+"""ReCon student network: point-patch Transformer with CLS/IMG/TXT query tokens.
+
+Pretraining (``ReConPretrain``): masked point modelling (MAE decoder, Chamfer-L2) plus
+distillation of the IMG / TXT queries onto frozen image / text teacher features. The
+queries read the patch tokens through cross attention on a detached copy (stop-grad).
+Fine-tuning (``ReConClassifier``): all groups visible, no stop-grad, MLP head on
+concat[CLS, IMG, TXT, max over patches].
+
+Numerics follow fixtures/reference/README.md (the released reference code).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from recon import losses as L
+from recon.pointops import group_points
+
+VARIANTS: dict[str, dict] = {
+    "tiny": dict(trans_dim=192, num_heads=3, decoder_num_heads=3),
+    "small": dict(trans_dim=256, num_heads=4, decoder_num_heads=4),
+    "base": dict(trans_dim=384, num_heads=6, decoder_num_heads=6),
+}
+TARGETS = ("rec", "img", "text", "smc")
+
+
+@dataclass
+class ReConConfig:
+    """Hyper-parameters of the student (defaults = base variant, pretraining)."""
+
+    trans_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    decoder_depth: int = 4
+    decoder_num_heads: int = 6
+    num_group: int = 64
+    group_size: int = 32
+    mask_ratio: float = 0.6
+    drop_path_rate: float = 0.1
+    img_feat_dim: int = 768
+    text_feat_dim: int = 512
+    stop_grad: bool = True
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    use_sdpa: bool = True            # F.scaled_dot_product_attention (matches explicit softmax)
+    global_loss: str = "smooth_l1"   # smooth_l1 | l2 | cosine | infonce
+    infonce_tau: float = 0.1
+    smc_tau: float = 0.1
+    targets: tuple[str, ...] = ("rec", "img", "text")   # subset of TARGETS
+    loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"img": 0.5}; default 1
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"unknown targets {bad}; choose from {TARGETS}")
+        if self.global_loss not in L.GLOBAL_LOSSES:
+            raise ValueError(f"unknown global_loss {self.global_loss!r}")
+        if self.trans_dim % self.num_heads or self.trans_dim % self.decoder_num_heads:
+            raise ValueError("trans_dim must be divisible by the head counts")
+
+    @classmethod
+    def variant(cls, name: str, **overrides) -> "ReConConfig":
+        """``tiny`` (192/3), ``small`` (256/4) or ``base`` (384/6), plus field overrides."""
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+        return cls(**{**VARIANTS[name], **overrides})
+
+    @property
+    def num_mask(self) -> int:
+        """Masked groups per cloud, int(mask_ratio * num_group) (38 of 64 by default)."""
+        return int(self.mask_ratio * self.num_group)
+
+    def replace(self, **changes) -> "ReConConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or when p == 0)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, use_sdpa: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B,H,N,d] tensors."""
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v)
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return attn.softmax(dim=-1) @ v
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    B, N, C = x.shape
+    return x.reshape(B, N, heads, C // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    B, H, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; ``qkv`` packs rows [q; k; v]."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = False, use_sdpa: bool = True) -> None:
+        super().__init__()
+        self.heads, self.use_sdpa = heads, use_sdpa
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(merge_heads(attend(q, k, v, self.use_sdpa)))
+
+
+class CrossAttention(nn.Module):
+    """Queries ``x`` attend to ``context``; ``kv`` packs rows [k; v]."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = False, use_sdpa: bool = True) -> None:
+        super().__init__()
+        self.heads, self.use_sdpa = heads, use_sdpa
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        q = split_heads(self.q(x), self.heads)
+        k, v = (split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        return self.proj(merge_heads(attend(q, k, v, self.use_sdpa)))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PositionalMLP(nn.Module):
+    """Centre xyz -> Linear(3,128) -> GELU -> Linear(128,C)."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, xyz: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(xyz)))
+
+
+class MiniPointNet(nn.Module):
+    """Per-group patch embedding [B,G,S,3] -> [B,G,C] (two shared MLPs, two max-pools)."""
+
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 128, 1)
+        self.bn1 = nn.BatchNorm1d(128)
+        self.conv2 = nn.Conv1d(128, 256, 1)
+        self.conv3 = nn.Conv1d(512, 512, 1)
+        self.bn3 = nn.BatchNorm1d(512)
+        self.conv4 = nn.Conv1d(512, out_dim, 1)
+
+    def forward(self, groups: Tensor) -> Tensor:
+        B, G, S, _ = groups.shape
+        x = groups.reshape(B * G, S, 3).transpose(1, 2)                 # [BG,3,S]
+        x = self.conv2(F.relu(self.bn1(self.conv1(x))))                  # [BG,256,S]
+        glob = x.max(dim=2, keepdim=True).values.expand(-1, -1, S)
+        x = torch.cat([glob, x], dim=1)                                  # global part first
+        x = self.conv4(F.relu(self.bn3(self.conv3(x))))                  # [BG,C,S]
+        return x.max(dim=2).values.reshape(B, G, -1)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class ReConBlock(nn.Module):
+    """Two-branch block: patch self-attention + query cross-attention (separate weights).
+
+    Residuals carry the *normalised* tensor (as released): x = LN1(x); x = x + Attn(x);
+    x = LN2(x); x = x + MLP(x). Rows 0..2 are the queries, the rest are patches.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop_path: float = 0.0, use_sdpa: bool = True) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.patch_norm1 = nn.LayerNorm(dim)
+        self.patch_attn = SelfAttention(dim, heads, qkv_bias, use_sdpa)
+        self.patch_norm2 = nn.LayerNorm(dim)
+        self.patch_mlp = Mlp(dim, hidden)
+        self.query_norm1 = nn.LayerNorm(dim)
+        self.query_attn = CrossAttention(dim, heads, qkv_bias, use_sdpa)
+        self.query_norm2 = nn.LayerNorm(dim)
+        self.query_mlp = Mlp(dim, hidden)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, stop_grad: bool) -> Tensor:
+        q, p = x[:, :3], x[:, 3:]
+        q, p = self.query_norm1(q), self.patch_norm1(p)
+        q = q + self.drop_path(self.query_attn(q, p.detach() if stop_grad else p))
+        p = p + self.drop_path(self.patch_attn(p))
+        q, p = self.query_norm2(q), self.patch_norm2(p)
+        q = q + self.drop_path(self.query_mlp(q))
+        p = p + self.drop_path(self.patch_mlp(p))
+        return torch.cat([q, p], dim=1)
+
+
+class DecoderBlock(nn.Module):
+    """Standard pre-norm Transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop_path: float = 0.0, use_sdpa: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, qkv_bias, use_sdpa)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def drop_path_schedule(rate: float, depth: int) -> list[float]:
+    return torch.linspace(0, rate, depth, device="cpu").tolist()
+
+
+def init_weights(module: nn.Module) -> None:
+    """Linear/Conv1d trunc-normal(0.02) with zero bias; LayerNorm/BatchNorm 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class ReConEncoder(nn.Module):
+    """Patch embedding + [CLS, IMG, TXT] queries + ReCon blocks + shared final LayerNorm."""
+
+    QUERY_NAMES = ("cls", "img", "text")
+
+    def __init__(self, cfg: ReConConfig) -> None:
+        super().__init__()
+        C = cfg.trans_dim
+        self.patch_embed = MiniPointNet(C)
+        self.pos_embed = PositionalMLP(C)
+        for name in self.QUERY_NAMES:
+            setattr(self, f"{name}_token", nn.Parameter(torch.zeros(1, 1, C)))
+            setattr(self, f"{name}_pos", nn.Parameter(torch.zeros(1, 1, C)))
+        self.blocks = nn.ModuleList([
+            ReConBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dp, cfg.use_sdpa)
+            for dp in drop_path_schedule(cfg.drop_path_rate, cfg.depth)])
+        self.norm = nn.LayerNorm(C)
+
+    def queries(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Query tokens and their positions, each [B,3,C]."""
+        tok = torch.cat([getattr(self, f"{n}_token") for n in self.QUERY_NAMES], dim=1)
+        pos = torch.cat([getattr(self, f"{n}_pos") for n in self.QUERY_NAMES], dim=1)
+        return tok.expand(batch, -1, -1), pos.expand(batch, -1, -1)
+
+    def forward(self, neighborhood: Tensor, center: Tensor, mask: Tensor | None = None,
+                stop_grad: bool = False) -> dict[str, Tensor | list[Tensor]]:
+        """Encode groups; only groups with mask == False (ascending index) enter the blocks.
+
+        Returns ``group_tokens`` [B,G,C] (all groups), ``patch_pos`` [B,V,C],
+        ``block_outputs`` (list of [B,3+V,C]) and ``tokens`` = final LN output [B,3+V,C].
+        """
+        group_tokens = self.patch_embed(neighborhood)
+        B, G, C = group_tokens.shape
+        x, c = group_tokens, center
+        if mask is not None:
+            x = group_tokens[~mask].reshape(B, -1, C)
+            c = center[~mask].reshape(B, -1, 3)
+        patch_pos = self.pos_embed(c)
+        q_tok, q_pos = self.queries(B)
+        x = torch.cat([q_tok, x], dim=1)
+        pos = torch.cat([q_pos, patch_pos], dim=1)
+        block_outputs = []
+        for block in self.blocks:
+            x = block(x + pos, stop_grad)
+            block_outputs.append(x)
+        return dict(group_tokens=group_tokens, patch_pos=patch_pos,
+                    block_outputs=block_outputs, tokens=self.norm(x))
+
+
+def head_input(tokens: Tensor) -> Tensor:
+    """concat[CLS, IMG, TXT, max over patch rows] of normed tokens -> [B,4C]."""
+    return torch.cat([tokens[:, 0], tokens[:, 1], tokens[:, 2], tokens[:, 3:].max(dim=1).values], -1)
+
+
+def svm_input(tokens: Tensor) -> Tensor:
+    """concat[max over queries, max + mean over patches] -> [B,2C] (reference SVM feature)."""
+    patches = tokens[:, 3:]
+    return torch.cat([tokens[:, :3].max(dim=1).values,
+                      patches.max(dim=1).values + patches.mean(dim=1)], dim=-1)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+class ReConDecoder(nn.Module):
+    """MAE decoder: pre-norm blocks with positions re-added; LN on the last M rows."""
+
+    def __init__(self, cfg: ReConConfig) -> None:
+        super().__init__()
+        C = cfg.trans_dim
+        self.blocks = nn.ModuleList([
+            DecoderBlock(C, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.qkv_bias, dp, cfg.use_sdpa)
+            for dp in drop_path_schedule(cfg.drop_path_rate, cfg.decoder_depth)])
+        self.norm = nn.LayerNorm(C)
+
+    def forward(self, x: Tensor, pos: Tensor, num_masked: int) -> Tensor:
+        for block in self.blocks:
+            x = block(x + pos)
+        return self.norm(x[:, x.shape[1] - num_masked:])
+
+
+class ReConPretrain(nn.Module):
+    """Pretraining student: encoder, MAE decoder + rebuild head, img/text projections."""
+
+    def __init__(self, cfg: ReConConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.trans_dim
+        self.encoder = ReConEncoder(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.decoder_pos_embed = PositionalMLP(C)
+        self.decoder = ReConDecoder(cfg)
+        self.rebuild_head = nn.Linear(C, 3 * cfg.group_size)
+        self.img_proj = nn.Linear(C, cfg.img_feat_dim)
+        self.text_proj = nn.Linear(C, cfg.text_feat_dim)
+        if "smc" in cfg.targets:
+            self.cls_proj = nn.Sequential(nn.Linear(C, 128), nn.BatchNorm1d(128), nn.ReLU(),
+                                          nn.Linear(128, 128), nn.BatchNorm1d(128))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+        for p in (*(getattr(self.encoder, f"{n}_{s}") for n in ReConEncoder.QUERY_NAMES
+                    for s in ("token", "pos")), self.mask_token):
+            nn.init.trunc_normal_(p, std=0.02)
+        for proj in (self.img_proj, self.text_proj):
+            nn.init.normal_(proj.weight, mean=0.02, std=0.01)
+            nn.init.zeros_(proj.bias)
+
+    def random_mask(self, batch: int, device: torch.device | str,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample random mask [B,G] with exactly cfg.num_mask True entries per row."""
+        G, M = self.cfg.num_group, self.cfg.num_mask
+        noise = torch.rand(batch, G, device=device, generator=generator)
+        idx = noise.argsort(dim=1)[:, :M]
+        return torch.zeros(batch, G, dtype=torch.bool, device=device).scatter_(1, idx, True)
+
+    def _reconstruct(self, tokens: Tensor, neighborhood: Tensor, center: Tensor, mask: Tensor
+                     ) -> dict[str, Tensor]:
+        B, _, C = tokens.shape
+        M, S = int(mask[0].sum()), neighborhood.shape[2]
+        dec_pos_vis = self.decoder_pos_embed(center[~mask].reshape(B, -1, 3))
+        dec_pos_mask = self.decoder_pos_embed(center[mask].reshape(B, M, 3))
+        x = torch.cat([tokens[:, 3:], self.mask_token.expand(B, M, -1)], dim=1)
+        decoder_out = self.decoder(x, torch.cat([dec_pos_vis, dec_pos_mask], dim=1), M)
+        rebuild = self.rebuild_head(decoder_out).reshape(B * M, S, 3)
+        gt = neighborhood[mask].reshape(B * M, S, 3)
+        return dict(dec_pos_vis=dec_pos_vis, dec_pos_mask=dec_pos_mask, decoder_out=decoder_out,
+                    rebuild_points=rebuild, gt_points=gt,
+                    loss_rec=L.reconstruction_loss(rebuild, gt))
+
+    def forward(self, points: Tensor, img_target: Tensor | None = None,
+                text_target: Tensor | None = None, mask: Tensor | None = None,
+                labels: Tensor | None = None) -> dict[str, Tensor | list[Tensor] | None]:
+        """Pretraining forward.
+
+        points [B,N,3]; img_target [B,Di] / text_target [B,Dt] teacher features (None: that
+        loss is 0); mask [B,G] bool, True = masked (None: random, cfg.num_mask per cloud);
+        labels [B] for the SMC target. Returns a dict:
+
+        - ``loss`` (weighted sum), ``loss_rec``, ``loss_img``, ``loss_text``, ``loss_smc``: scalars
+        - ``cls``, ``img``, ``txt``: normed query rows [B,C]; ``tokens``: final LN [B,3+V,C]
+        - ``img_proj`` [B,Di], ``text_proj`` [B,Dt]: projected IMG / TXT queries
+        - ``rebuild_points``, ``gt_points``: [B*M,S,3] (None when reconstruction is off)
+        - ``center`` [B,G,3], ``neighborhood`` [B,G,S,3], ``mask`` [B,G]
+        - intermediates: ``group_tokens`` [B,G,C], ``vis_pos`` [B,V,C], ``block_outputs``
+          (list of [B,3+V,C]), ``dec_pos_vis``, ``dec_pos_mask``, ``decoder_out`` [B,M,C]
+        """
+        cfg = self.cfg
+        neighborhood, center = group_points(points, cfg.num_group, cfg.group_size)
+        B = points.shape[0]
+        if mask is None:
+            mask = self.random_mask(B, points.device)
+        mask = mask.to(device=points.device, dtype=torch.bool)
+        if bool((mask.sum(1) != mask[0].sum()).any()):
+            raise ValueError("every cloud must have the same number of masked groups")
+
+        enc = self.encoder(neighborhood, center, mask, stop_grad=cfg.stop_grad)
+        tokens = enc["tokens"]
+        zero = tokens.new_zeros(())
+        out: dict = dict(neighborhood=neighborhood, center=center, mask=mask,
+                         group_tokens=enc["group_tokens"], vis_pos=enc["patch_pos"],
+                         block_outputs=enc["block_outputs"], tokens=tokens,
+                         cls=tokens[:, 0], img=tokens[:, 1], txt=tokens[:, 2],
+                         img_proj=self.img_proj(tokens[:, 1]),
+                         text_proj=self.text_proj(tokens[:, 2]),
+                         rebuild_points=None, gt_points=None, dec_pos_vis=None,
+                         dec_pos_mask=None, decoder_out=None,
+                         loss_rec=zero, loss_img=zero, loss_text=zero, loss_smc=zero)
+
+        if "rec" in cfg.targets and int(mask[0].sum()) > 0:
+            out.update(self._reconstruct(tokens, neighborhood, center, mask))
+        if "img" in cfg.targets and img_target is not None:
+            out["loss_img"] = L.global_loss(out["img_proj"], img_target, cfg.global_loss, cfg.infonce_tau)
+        if "text" in cfg.targets and text_target is not None:
+            out["loss_text"] = L.global_loss(out["text_proj"], text_target, cfg.global_loss, cfg.infonce_tau)
+        if "smc" in cfg.targets and labels is not None:
+            out["loss_smc"] = L.smc_loss(self.cls_proj(out["cls"]), labels, cfg.smc_tau)
+
+        w = cfg.loss_weights
+        out["loss"] = sum(w.get(k, 1.0) * out[f"loss_{k}"] for k in TARGETS)
+        return out
+
+    def encode(self, points: Tensor) -> Tensor:
+        """Final normed tokens [B,3+G,C] with every group visible."""
+        neighborhood, center = group_points(points, self.cfg.num_group, self.cfg.group_size)
+        return self.encoder(neighborhood, center, None)["tokens"]
+
+    def features(self, points: Tensor) -> Tensor:
+        """Probe features concat[CLS, IMG, TXT, max over patches] -> [B,4C]."""
+        return head_input(self.encode(points))
+
+    def svm_features(self, points: Tensor) -> Tensor:
+        """Reference SVM features concat[max over queries, max+mean over patches] -> [B,2C]."""
+        return svm_input(self.encode(points))
+
+    def zero_shot_features(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """(img_proj(IMG), text_proj(TXT)) with every group visible, each [B,D]."""
+        tokens = self.encode(points)
+        return self.img_proj(tokens[:, 1]), self.text_proj(tokens[:, 2])
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def build_head(in_dim: int, num_classes: int, kind: str) -> nn.Sequential:
+    """``full``/``mlp3``: 3-layer MLP with BN+dropout (indices 0,1,4,5,8); ``linear``."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(in_dim, num_classes))
+    if kind in ("full", "mlp3"):
+        return nn.Sequential(
+            nn.Linear(in_dim, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(256, num_classes))
+    raise ValueError(f"unknown head {kind!r}; choose from full, mlp3, linear")
+
+
+class ReConClassifier(nn.Module):
+    """Fine-tuning classifier: all groups visible, no stop-grad, head on 4C features."""
+
+    def __init__(self, cfg: ReConConfig, num_classes: int, head: str = "full") -> None:
+        super().__init__()
+        self.cfg, self.head_kind, self.num_classes = cfg, head, num_classes
+        self.encoder = ReConEncoder(cfg)
+        self.head = build_head(4 * cfg.trans_dim, num_classes, head)
+        self.backbone_frozen = False
+        init_weights(self)
+        for n in ReConEncoder.QUERY_NAMES:
+            nn.init.trunc_normal_(getattr(self.encoder, f"{n}_token"), std=0.02)
+            nn.init.trunc_normal_(getattr(self.encoder, f"{n}_pos"), std=0.02)
+
+    def forward_tokens(self, points: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        """Grouping + encoder outputs (``tokens`` = final LN [B,3+G,C]) and ``center``/``neighborhood``."""
+        neighborhood, center = group_points(points, self.cfg.num_group, self.cfg.group_size)
+        out = self.encoder(neighborhood, center, None, stop_grad=False)
+        out.update(neighborhood=neighborhood, center=center)
+        return out
+
+    def features(self, points: Tensor) -> Tensor:
+        return head_input(self.forward_tokens(points)["tokens"])
+
+    def forward(self, points: Tensor) -> Tensor:
+        """points [B,N,3] -> logits [B,num_classes]."""
+        return self.head(self.features(points))
+
+    def trainable_names(self) -> list[str]:
+        """Parameters that train under the frozen protocols (MLP-LINEAR / MLP-3)."""
+        return [n for n, _ in self.named_parameters()
+                if n.startswith("head.") or n in ("encoder.cls_token", "encoder.cls_pos")]
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Freeze everything but the head and [CLS] token/position; encoder BN stays in eval."""
+        self.backbone_frozen = frozen
+        keep = set(self.trainable_names())
+        for n, p in self.named_parameters():
+            p.requires_grad_(not frozen or n in keep)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ReConClassifier":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.encoder.eval()
+        return self
