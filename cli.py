@@ -143,5 +143,32 @@ def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | ba
     _run(stage.run, p)
 
 
+show_app = typer.Typer(help="Pictures for a person to look at.", no_args_is_help=True)
+app.add_typer(show_app, name="show")
+
+
+@show_app.command("reconstruction")
+def show_reconstruction(checkpoint: Path = typer.Argument(..., help="model.pt or an epoch checkpoint"),
+                        out: Path = typer.Option(Path("cache/reconstruction.png"), help="PNG to write"),
+                        shapes: int = typer.Option(4, help="how many test shapes"),
+                        seed: int = typer.Option(0, help="mask and subset seed")) -> None:
+    """Input cloud, visible groups and reconstructed masked groups for a few shapes."""
+    from stages import show
+
+    _run(show.reconstruction, checkpoint, out, shapes, "test", seed)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(src: Path = typer.Argument(..., help="released reference .pth ({'base_model': ...})"),
+                       dst: Path = typer.Argument(..., help="our model.pt"),
+                       num_heads: Optional[int] = typer.Option(None, help="heads, if the width is not a standard variant")) -> None:
+    """Convert a released ReCon pretraining checkpoint to our names (loaded with weights_only=True)."""
+    from recon.checkpoint import convert_reference_checkpoint
+    from stages.common import console
+
+    config = _run(convert_reference_checkpoint, src, dst, num_heads)
+    console.print(f"[green]converted {src} → {dst}[/]: {config}")
+
+
 if __name__ == "__main__":
     app()

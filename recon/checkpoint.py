@@ -173,3 +173,42 @@ def init_classifier_from_pretrain(classifier: nn.Module, pretrain_state_dict: Ma
     ignored = [k for k in sd if not k.startswith(prefix)] + list(result.unexpected_keys)
     return list(result.missing_keys), ignored
 
+
+
+HEADS_BY_WIDTH = {192: 3, 256: 4, 384: 6}
+
+
+def config_from_state_dict(ours: Mapping[str, Tensor], num_heads: int | None = None) -> dict:
+    """ReConConfig fields readable from the weights of a (converted) pretraining state dict.
+
+    Head counts are not stored in weights: the variant's count for its width unless given."""
+    width = int(ours["encoder.cls_token"].shape[-1])
+    heads = num_heads or HEADS_BY_WIDTH.get(width)
+    if heads is None:
+        raise ValueError(f"width {width} is not a known variant: pass the number of heads")
+
+    def count(prefix: str) -> int:
+        return len({k.split(".")[2] for k in ours if k.startswith(prefix)})
+
+    config = {"trans_dim": width, "num_heads": heads, "depth": count("encoder.blocks."),
+              "decoder_depth": count("decoder.blocks."), "decoder_num_heads": heads}
+    if "rebuild_head.weight" in ours:
+        config["group_size"] = int(ours["rebuild_head.weight"].shape[0]) // 3
+    for name, field in (("img_proj.weight", "img_feat_dim"), ("text_proj.weight", "text_feat_dim")):
+        if name in ours:
+            config[field] = int(ours[name].shape[0])
+    return config
+
+
+def convert_reference_checkpoint(src: str | PathLike, dst: str | PathLike,
+                                 num_heads: int | None = None) -> dict:
+    """A released reference ``.pth`` → our ``model.pt`` format ({'model', 'config', 'source'})."""
+    reference = load_reference_checkpoint(src)
+    kind = detect_kind(reference)
+    if kind != "pretrain":
+        raise ValueError(f"{src} holds a fine-tuned classifier; pass it to `recon finetune --init` "
+                         "directly (only pretraining checkpoints convert to model.pt)")
+    ours = reference_to_ours(reference, kind)
+    config = config_from_state_dict(ours, num_heads)
+    torch.save({"model": ours, "config": config, "source": str(src)}, dst)
+    return config

@@ -127,7 +127,9 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
             log(f"pretrain: resuming from {resume} (epoch {start_epoch}, step {step})")
     net = torch.compile(model) if p.compile else model
     if d.enabled:
-        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        unused = set(p.targets) != {"rec", "img", "text"}  # heads of switched-off targets get no grad
+        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                  find_unused_parameters=unused)
 
     steps_per_epoch = len(dataset) // (micro * d.world * accum)
     if steps_per_epoch == 0:
@@ -243,3 +245,14 @@ def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     votes = train_y[nearest]
     pred = np.array([np.bincount(v).argmax() for v in votes])
     return float((pred == test_y).mean()) if len(test_y) else math.nan
+
+
+def load_pretrained(path: Path, map_location: str | torch.device = "cpu") -> ReConPretrain:
+    """A pretraining student from our ``model.pt`` or an ``epoch-NNNN.pt`` checkpoint."""
+    state = trainstate.load(Path(path), map_location)
+    if "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a recon pretraining checkpoint (a released reference "
+                         "checkpoint? convert it with `recon convert-checkpoint`)")
+    model = ReConPretrain(ReConConfig(**state["config"]))
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -8,6 +8,7 @@ test split).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -76,7 +77,7 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
     metrics = {k: v for k, v in history[-1].items() if k.startswith("loss") or k == "samples_per_s"}
     metrics["epochs"] = len(history)
     metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
-    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(model.cfg.__dict__, default=list)),
+    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(dataclasses.asdict(model.cfg))),
                 "categories": result["stores"].categories}, out / "model.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     console.print(f"[green]pretrain: done → {out}[/]", metrics)

@@ -34,8 +34,10 @@ def run(p: SampleParams, shapes: Path | None = None, out: Path | None = None) ->
     table = read_shapes(shapes)
     out = out or cache_dir() / "points.zarr"
     store_params = {k: v for k, v in as_jsonable(p).items() if k in ("points", "seed", "chunk_rows")}
-    provenance = {"sampler": "trimesh area-weighted surface sampling, seeded per shape id",
-                  "normalisation": "centred on the sample mean, scaled to max norm 1"}
+    from pipeline.sampling import NORMALIZATION, SAMPLER_NAME
+
+    provenance = {"sampler": SAMPLER_NAME, "seeding": "per shape: sha256(seed, shape id)",
+                  "normalisation": NORMALIZATION}
     arrays = {"points": ArraySpec((p.points, 3), "float32", p.chunk_rows)}
     return run_per_shape("sample", table, out, arrays, store_params, provenance,
                          partial(_sample_row, p.points, p.seed), p.workers, p.limit, p.strict,

@@ -31,3 +31,55 @@ def meshes_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real meshes not present at {path}")
     return path
+
+
+def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512,
+                          image_dim: int = 16, text_dim: int = 8, variants: int = 2,
+                          templates: int = 4, seed: int = 0) -> Path:
+    """A cache with shapes.parquet, points.zarr and teacher stores, without rendering: three
+    categories of simple clouds (sphere, cube, cylinder) with features that separate them."""
+    import numpy as np
+    import polars as pl
+
+    from pipeline.store import ArraySpec, StoreWriter
+
+    rng = np.random.default_rng(seed)
+    categories = ["ball", "box", "can"]
+    ids, cats, splits, clouds = [], [], [], []
+    for c, name in enumerate(categories):
+        for i in range(n_per_class):
+            ids.append(f"{name}-{i}")
+            cats.append(name)
+            splits.append("test" if i == 0 else "train")
+            x = rng.normal(size=(n_points, 3))
+            if name == "ball":
+                x /= np.linalg.norm(x, axis=1, keepdims=True)
+            elif name == "box":
+                x = np.clip(x, -1, 1)
+            else:
+                x[:, :2] /= np.linalg.norm(x[:, :2], axis=1, keepdims=True)
+                x[:, 2] = rng.uniform(-1, 1, n_points)
+            x *= rng.uniform(0.8, 1.2, size=3)
+            clouds.append((x / np.linalg.norm(x, axis=1).max()).astype(np.float32))
+    cache.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"id": ids, "synset": [""] * len(ids), "category": cats, "split": splits,
+                  "mesh_path": [""] * len(ids), "status": ["indexed"] * len(ids)}).write_parquet(cache / "shapes.parquet")
+
+    def write(path, rows, arrays, data):
+        writer = StoreWriter.open(path, rows, arrays, {"synthetic": True})
+        writer.write_rows(np.arange(len(rows)), data, np.ones(len(rows), bool))
+        writer.finalise()
+        return writer
+
+    n = len(ids)
+    write(cache / "points.zarr", ids, {"points": ArraySpec((n_points, 3), "float32", n)},
+          {"points": np.stack(clouds)})
+    centres = rng.normal(size=(3, image_dim))
+    label = np.array([categories.index(c) for c in cats])
+    image = centres[label][:, None, None] + 0.1 * rng.normal(size=(n, 1, variants, image_dim))
+    write(cache / "teachers" / "image.zarr", ids, {"features": ArraySpec((1, variants, image_dim), "float16", n)},
+          {"features": image.astype(np.float16)})
+    text = rng.normal(size=(3, templates, text_dim))
+    write(cache / "teachers" / "text.zarr", categories, {"features": ArraySpec((templates, text_dim), "float16", 3)},
+          {"features": text.astype(np.float16)})
+    return cache

@@ -1,0 +1,118 @@
+"""Offscreen rendering: shapes, background, textures, colours, determinism, contact sheet."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from pipeline.meshes import MeshError, MissingAssetWarning
+from pipeline.render import RenderConfig, close_renderer, contact_sheet, render_views
+
+
+def _shared_meshes() -> Path:
+    root = Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    return root / "data" / "meshes"
+
+
+MESHES = _shared_meshes()
+needs_shared = pytest.mark.skipif(not MESHES.is_dir(), reason="shared test meshes not available")
+CFG = RenderConfig(resolution=96)
+
+
+@pytest.fixture(scope="module")
+def box_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("render") / "box.ply"
+    mesh = trimesh.creation.box([1.0, 0.6, 0.4])
+    mesh.visual.face_colors = [200, 40, 40, 255]
+    mesh.export(path)
+    return path
+
+
+def test_shape_dtype_background(box_path: Path) -> None:
+    cfg = RenderConfig(resolution=64, views=[(30.0, 20.0), (0.0, 0.0), (180.0, -30.0), (0.0, 90.0)])
+    images = render_views(box_path, cfg)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+    for im in images:
+        assert (im[[0, 0, -1, -1], [0, -1, 0, -1]] == 255).all()  # white corners
+        assert (im < 250).any(axis=-1).mean() > 0.05  # the object is visible
+
+
+def test_default_config() -> None:
+    cfg = RenderConfig()
+    assert cfg.resolution == 224 and cfg.views == [(30.0, 20.0)] and cfg.background == (255, 255, 255)
+    assert cfg.provenance()["views_az_el_deg"] == [[30.0, 20.0]]
+
+
+def test_deterministic(box_path: Path) -> None:
+    a = render_views(box_path, CFG)
+    close_renderer()  # a fresh renderer gives the same pixels too
+    assert np.array_equal(a, render_views(box_path, CFG))
+    assert np.array_equal(a, render_views(box_path, CFG))
+
+
+def test_fork_pool_after_parent_rendered(box_path: Path) -> None:
+    ref = render_views(box_path, CFG)  # the parent holds a GL context before forking
+    with mp.get_context("fork").Pool(2) as pool:
+        images = pool.map_async(partial(render_views, cfg=CFG), [box_path] * 2).get(timeout=60)
+    assert all(np.array_equal(im, ref) for im in images)
+    assert np.array_equal(render_views(box_path, CFG), ref)
+
+
+def test_face_colours(box_path: Path) -> None:
+    im = render_views(box_path, CFG)[0].astype(int)
+    fg = im[(im < 250).any(axis=-1)]
+    assert (fg[:, 0] > fg[:, 1] + 40).mean() > 0.9  # red box renders red
+
+
+def test_vertex_colours(tmp_path: Path) -> None:
+    mesh = trimesh.creation.icosphere(2)
+    mesh.visual.vertex_colors = [30, 180, 40, 255]
+    mesh.export(tmp_path / "green.ply")
+    im = render_views(tmp_path / "green.ply", CFG)[0].astype(int)
+    fg = im[(im < 250).any(axis=-1)]
+    assert (fg[:, 1] > fg[:, 0] + 40).mean() > 0.9
+
+
+def test_bad_mesh_raises(tmp_path: Path) -> None:
+    (tmp_path / "bad.obj").write_text("v 0 0 0\nv 1 0 nan\nv 0 1 0\nf 1 2 3\n")
+    with pytest.raises(MeshError) as info:
+        render_views(tmp_path / "bad.obj", CFG)
+    assert info.value.kind == "nan_vertices"
+
+
+@needs_shared
+def test_texture_changes_pixels(tmp_path: Path) -> None:
+    textured = render_views(MESHES / "fuze.obj", CFG).astype(float)
+    for name in ("fuze.obj", "fuze.obj.mtl"):
+        shutil.copy(MESHES / name, tmp_path / name)
+    with pytest.warns(MissingAssetWarning, match="fuze uv.jpg"):
+        plain = render_views(tmp_path / "fuze.obj", CFG).astype(float)
+    assert np.abs(textured - plain).mean() > 5.0
+
+
+@needs_shared
+def test_duck_colour() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingAssetWarning)
+        im = render_views(MESHES / "Duck.glb", CFG)[0].astype(int)
+    fg = im[(im < 245).any(axis=-1)]
+    assert len(fg) > 0.1 * im.shape[0] * im.shape[1]
+    saturation = fg.max(axis=1) - fg.min(axis=1)
+    assert np.median(saturation) > 60  # yellow duck, not grey
+
+
+def test_contact_sheet() -> None:
+    images = [np.full((40, 50, 3), i * 20, dtype=np.uint8) for i in range(7)]
+    sheet = contact_sheet(images, [f"shape {i}" for i in range(7)], columns=3)
+    assert sheet.mode == "RGB" and sheet.size[0] == 150
+    assert sheet.size[1] >= 3 * 40 and sheet.size[1] < 3 * 70
+    with pytest.raises(ValueError):
+        contact_sheet(images, ["x"], columns=3)
