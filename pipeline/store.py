@@ -285,6 +285,11 @@ class Store:
     def data_arrays(self) -> list[str]:
         return sorted(k for k in self.group.array_keys() if k not in RESERVED)
 
+    @property
+    def rows_are_categories(self) -> bool:
+        """The text-teacher store: rows are categories ([C, T, D] features), not shapes."""
+        return "features" in self.group and self.group["features"].ndim == 3
+
 
 def open_store(path: str | Path, expect_ids: Sequence[str] | None = None,
                expect_params: dict | None = None,
@@ -349,8 +354,7 @@ def to_polars(path: str | Path, shapes: str | Path | None = None):
     shapes = Path(shapes) if shapes else next(
         (d / "shapes.parquet" for d in (store.path.parent, store.path.parent.parent)
          if (d / "shapes.parquet").exists()), None)
-    per_shape = "templates" not in store.data_arrays()  # the text store's rows are categories
-    if shapes is not None and shapes.exists() and per_shape:
+    if shapes is not None and shapes.exists() and not store.rows_are_categories:
         table = pl.read_parquet(shapes).select(["id", "category", "split"])
         frame = frame.join(table, on="id", how="left").select(
             ["id", "category", "split", *[c for c in frame.columns if c != "id"]])

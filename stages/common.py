@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 import warnings
@@ -158,6 +159,14 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def fault_injection(rows: np.ndarray) -> None:
+    """Tests kill a stage (SIGKILL, no cleanup) right after the block holding row
+    ``$RECON_KILL_AFTER_ROW`` is written, to prove that a resumed run loses nothing."""
+    target = os.environ.get("RECON_KILL_AFTER_ROW")
+    if target is not None and int(target) in rows:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Timer:

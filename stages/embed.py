@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path
 from recon.distributed import Dist, setup, teardown
-from stages.common import Timer, cache_dir, console, progress, read_shapes
+from stages.common import Timer, cache_dir, console, fault_injection, progress, read_shapes
 
 
 @dataclass
@@ -40,7 +40,9 @@ class EmbedParams:
 
 
 class ViewVariants(Dataset):
-    """Rows of the renders store → uint8 [V*A, S, S, 3] (variant-major within each view)."""
+    """Rows of the renders store → the clean views uint8 [V, H, W, 3] (the teacher resizes them
+    itself, exactly as a direct forward would) and the augmented variants [V*(A-1), S, S, 3]
+    (variant-major within each view)."""
 
     def __init__(self, renders: Path, ids: np.ndarray, variants: int, seed: int, size: int):
         self.renders, self.ids, self.variants, self.seed, self.size = renders, ids, variants, seed, size
@@ -49,16 +51,18 @@ class ViewVariants(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, row: int) -> torch.Tensor:
-        from pipeline.augment import view_variants
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        from pipeline.augment import augment_view, variant_seed
 
         if self._images is None:  # opened lazily: once per DataLoader worker
             self._images = open_store(self.renders)["images"]
         views = np.asarray(self._images[row])
-        out = [v for view_index, image in enumerate(views)
-               for v in view_variants(image, str(self.ids[row]), view_index, self.variants,
-                                      self.seed, size=self.size)]
-        return torch.from_numpy(np.stack(out))
+        shape_id = str(self.ids[row])
+        augmented = [augment_view(image, variant_seed(self.seed, shape_id, v, a), self.size)
+                     for v, image in enumerate(views) for a in range(1, self.variants)]
+        empty = np.zeros((0, self.size, self.size, 3), np.uint8)
+        return {"clean": torch.from_numpy(views),
+                "augmented": torch.from_numpy(np.stack(augmented) if augmented else empty)}
 
 
 def _image_store_params(p: EmbedParams, teacher_identity: dict, renders_params: dict) -> dict:
@@ -77,8 +81,9 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
     arrays = {"features": ArraySpec((n_views, p.variants, teacher.dim), "float16", p.chunk_rows)}
     params = _image_store_params(p, teacher.identity(), renders.params)
     provenance = {"teacher": teacher.identity(), "renders_store": str(renders_path.resolve()),
-                  "augmentation": "variant 0: clean view; 1..: RandomResizedCrop(0.64-1) + hflip + "
-                                  "RandAugment(2, 10) + 16x16 cutout, seeded per (shape, view, variant)"}
+                  "augmentation": "variant 0: the clean view; 1..: RandomResizedCrop(0.64-1) + hflip + "
+                                  "RandAugment(2, 10) + 16x16 cutout at the teacher's input size, "
+                                  "seeded per (shape, view, variant)"}
     writer = StoreWriter.open(out, shape_ids, arrays, params, provenance, log=console.print) if d.is_main else None
     up_to_date = torch.tensor([int(d.is_main and writer is None)])
     if d.enabled:
@@ -91,6 +96,7 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
     if not d.is_main:
         writer = StoreWriter.open(out, shape_ids, arrays, params, provenance, log=lambda *_: None)
     blocks = [b for k, b in enumerate(writer.pending_blocks()) if k % d.world == d.rank]
+    d.barrier()  # every rank has listed the pending blocks before any rank writes
     if p.limit is not None:
         blocks = _limit_blocks(blocks, p.limit)
 
@@ -104,12 +110,18 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
             ok = renders.ok[block]
             feats = np.zeros((block.size, n_views, p.variants, teacher.dim), dtype=np.float16)
             if ok.any():
-                flat = images[torch.from_numpy(ok)].reshape(-1, size, size, 3)
-                encoded = teacher.encode_images(flat, batch_size=p.batch_size)
-                feats[ok] = encoded.reshape(int(ok.sum()), n_views, p.variants, -1).numpy().astype(np.float16)
+                keep = torch.from_numpy(ok)
+                clean = images["clean"][keep]
+                encoded = teacher.encode_images(clean.reshape(-1, *clean.shape[2:]), batch_size=p.batch_size)
+                feats[ok, :, 0] = encoded.reshape(int(ok.sum()), n_views, -1).numpy()
+                if p.variants > 1:
+                    augmented = images["augmented"][keep]
+                    encoded = teacher.encode_images(augmented.reshape(-1, size, size, 3), batch_size=p.batch_size)
+                    feats[ok, :, 1:] = encoded.reshape(int(ok.sum()), n_views, p.variants - 1, -1).numpy()
             for r in block[~ok]:
                 writer.record_failure(shape_ids[r], "embed", "render_failed", "no rendered views for this shape")
             writer.write_rows(block, {"features": feats}, ok)
+            fault_injection(block)
             bar.advance(task, block.size)
     d.barrier()
     if d.is_main:

@@ -36,7 +36,7 @@ def describe(path: Path, k: int = 5) -> dict:
     if failures.exists():
         report["failures"] = [json.loads(line) for line in failures.read_text().splitlines() if line.strip()]
     shapes = _shapes_for(path)
-    is_text = "templates" in store.data_arrays()
+    is_text = store.rows_are_categories
     if shapes is not None and not is_text:
         table = pl.DataFrame({"id": store.ids, "ok": store.ok}).join(shapes, on="id", how="left")
         counts = table.group_by("category", "split").agg(pl.len().alias("shapes"), pl.col("ok").sum().alias("ok"))

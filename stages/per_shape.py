@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Callable
 
@@ -11,8 +9,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path, read_failure_log
-from stages.common import (Timer, cache_dir, console, map_guarded, progress, summarise,
-                           write_failures)
+from stages.common import (Timer, cache_dir, console, fault_injection, map_guarded, progress,
+                           summarise, write_failures)
 
 
 def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
@@ -66,7 +64,7 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
                     console.print(f"[red]failed[/] {shape_id}: {outcome.error}: {outcome.message}")
                 bar.advance(task)
             writer.write_rows(block, data, ok)
-            _fault_injection(block)
+            fault_injection(block)
 
     failures = writer.failures()
     n_pending = int((~writer.done_mask()).sum())
@@ -78,14 +76,6 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
     path = write_failures(stage, failures, failures_dir)
     summarise(stage, len(ids), len(failures), timer.seconds, strict, path)
     return True
-
-
-def _fault_injection(block: np.ndarray) -> None:
-    """Tests kill the stage (SIGKILL, no cleanup) after the block holding row
-    ``$RECON_KILL_AFTER_ROW`` is written, to prove that a resumed run loses nothing."""
-    target = os.environ.get("RECON_KILL_AFTER_ROW")
-    if target is not None and int(target) in block:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _failures_file(stage: str, failures_dir: Path | None) -> Path:
