@@ -1,0 +1,65 @@
+"""Text-teacher prompt templates: 20 prefixes x 3 suffixes = 60 per category (SPEC, teacher targets).
+
+A prompt is ``prefix + name + suffix``, where ``name`` is the category name or, when a descriptions
+file gives one, that category's own text. Templates are ordered prefix-major:
+``templates()[p * len(SUFFIXES) + s] == PREFIXES[p] + "{}" + SUFFIXES[s]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PREFIXES: tuple[str, ...] = (
+    "", "A ", "A model of ", "A model of a ", "An image of ", "An image of a ",
+    "A 3D model of ", "A 3D model of a ", "A rendering model of ", "A rendering model of a ",
+    "A point cloud of ", "A point cloud of a ", "A point cloud model of ",
+    "A point cloud model of a ", "A 3D rendering model of ", "A 3D rendering model of a ",
+    "A rendering image of ", "A rendering image of a ", "A 3D rendering image of ",
+    "A 3D rendering image of a ",
+)
+SUFFIXES: tuple[str, ...] = (".", " with white background.", " with black context.")
+
+
+def templates() -> list[str]:
+    """The 60 templates, each with one ``{}`` placeholder, prefix-major."""
+    return [p + "{}" + s for p in PREFIXES for s in SUFFIXES]
+
+
+def prompts_for(category: str, descriptions: Mapping[str, str] | None = None) -> list[str]:
+    """The 60 prompts for a category; its description (if given) replaces the bare name."""
+    name = descriptions.get(category, category) if descriptions else category
+    return [t.format(name) for t in templates()]
+
+
+def _records_to_mapping(records: list[Any]) -> dict[str, str]:
+    """Reference-style records [{'catalogue': 2691156, 'describe': '...'}, ...] -> mapping."""
+    out: dict[str, str] = {}
+    for r in records:
+        if not (isinstance(r, Mapping) and "catalogue" in r and "describe" in r):
+            raise ValueError("description records need 'catalogue' and 'describe' keys")
+        key = r["catalogue"]
+        out[f"{key:08d}" if isinstance(key, int) else str(key)] = r["describe"]  # ShapeNet synset ids
+    return out
+
+
+def load_descriptions(path: str | Path) -> dict[str, str]:
+    """Read category -> text from JSON or YAML (.yaml/.yml); also accepts reference-style records."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if isinstance(data, list):
+        data = _records_to_mapping(data)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping category -> text")
+    out = {str(k): v for k, v in data.items()}
+    bad = [k for k, v in out.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ValueError(f"{path}: descriptions must be non-empty strings (bad: {bad[:5]})")
+    return out

@@ -1,0 +1,42 @@
+"""Prompt templates (20 prefixes x 3 suffixes) and category descriptions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.prompts import PREFIXES, SUFFIXES, load_descriptions, prompts_for, templates
+
+
+def test_templates_count_and_order() -> None:
+    t = templates()
+    assert len(PREFIXES) == 20 and len(SUFFIXES) == 3 and len(t) == 60 and len(set(t)) == 60
+    assert all(s.count("{}") == 1 for s in t)
+    assert t[0] == "{}." and t[1] == "{} with white background." and t[2] == "{} with black context."
+    assert t[3] == "A {}." and t[-1] == "A 3D rendering image of a {} with black context."
+
+
+def test_prompts_for_and_descriptions() -> None:
+    p = prompts_for("chair")
+    assert len(p) == 60 and p[9] == "A model of a chair." and "chair" in p[0]
+    d = prompts_for("chair", {"chair": "seat with a back"})
+    assert d[9] == "A model of a seat with a back."
+    assert prompts_for("table", {"chair": "x"})[9] == "A model of a table."
+
+
+def test_load_descriptions_json_yaml_records(tmp_path: Path) -> None:
+    j = tmp_path / "d.json"
+    j.write_text(json.dumps({"chair": "a seat"}))
+    assert load_descriptions(j) == {"chair": "a seat"}
+    y = tmp_path / "d.yaml"
+    y.write_text('"02691156": an airplane\nchair: a seat\n')
+    assert load_descriptions(y) == {"02691156": "an airplane", "chair": "a seat"}
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps([{"catalogue": 2691156, "describe": "an airplane"}]))
+    assert load_descriptions(r) == {"02691156": "an airplane"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"chair": ""}))
+    with pytest.raises(ValueError):
+        load_descriptions(bad)
