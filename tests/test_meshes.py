@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import trimesh
 
+from conftest import shared_dir
 from pipeline.meshes import MeshError, MissingAssetWarning, load_mesh, load_scene
 
 
-def _shared_meshes() -> Path:
-    root = Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    return root / "data" / "meshes"
-
-
-MESHES = _shared_meshes()
+MESHES = shared_dir() / "data" / "meshes"
 needs_shared = pytest.mark.skipif(not MESHES.is_dir(), reason="shared test meshes not available")
 
 _OBJ = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\n"

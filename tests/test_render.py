@@ -13,16 +13,12 @@ import numpy as np
 import pytest
 import trimesh
 
+from conftest import shared_dir
 from pipeline.meshes import MeshError, MissingAssetWarning
 from pipeline.render import RenderConfig, close_renderer, contact_sheet, render_views
 
 
-def _shared_meshes() -> Path:
-    root = Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    return root / "data" / "meshes"
-
-
-MESHES = _shared_meshes()
+MESHES = shared_dir() / "data" / "meshes"
 needs_shared = pytest.mark.skipif(not MESHES.is_dir(), reason="shared test meshes not available")
 CFG = RenderConfig(resolution=96)
 

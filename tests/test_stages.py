@@ -156,3 +156,27 @@ def test_missing_shapes_table_is_a_clear_error(tmp_path, monkeypatch):
     result = invoke("sample")
     assert result.exit_code == 1
     assert "recon index" in result.output
+
+
+def test_real_meshes_index_render_and_sample(meshes_dir, tmp_path, monkeypatch):
+    """The real files in ../shared/data/meshes, laid out as plain <category>/<mesh> folders."""
+    import shutil
+    root = tmp_path / "real"
+    for file in meshes_dir.iterdir():
+        stem = file.name.split(".")[0].split(" ")[0]
+        (root / stem).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, root / stem / file.name)
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "none.yaml"))
+    assert invoke("index", str(root)).exit_code == 0
+    table = pl.read_parquet(tmp_path / "cache" / "shapes.parquet")
+    assert sorted(table["id"]) == ["Duck-Duck", "airplane-airplane", "bunny-bunny", "chair_model-chair_model",
+                                   "fuze-fuze", "teapot-teapot"]
+    assert invoke("render", "--resolution", "64", "--workers", "1").exit_code == 0
+    assert invoke("sample", "--workers", "1").exit_code == 0
+    renders, points = open_store(tmp_path / "cache" / "renders.zarr"), open_store(tmp_path / "cache" / "points.zarr")
+    assert renders.ok.all() and points.ok.all()
+    images = renders["images"][:, 0].reshape(len(table), -1, 3).astype(int)
+    colourful = (images.max(axis=2) - images.min(axis=2)).mean(axis=1)  # textured/coloured shapes
+    duck, fuze = table["id"].to_list().index("Duck-Duck"), table["id"].to_list().index("fuze-fuze")
+    assert colourful[duck] > 5 and colourful[fuze] > 2

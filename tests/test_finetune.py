@@ -1,0 +1,199 @@
+"""Fine-tuning: heads, protocols (gradients, frozen BN), voting, init sources, exact resume, and a
+tiny end-to-end run on the real ModelNet40 sample that writes every metrics file."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import shared_dir
+from recon import finetune as FT
+from recon.checkpoint import ours_to_reference
+from recon.model import ReConClassifier, ReConConfig, ReConPretrain
+from recon.optim import param_groups
+
+TINY = dict(trans_dim=48, depth=2, num_heads=3, decoder_depth=1, decoder_num_heads=3)
+SMALL_RUN = dict(init="scratch", model=TINY, n_points=128, num_group=8, group_size=16, batch_size=8,
+                 epochs=2, warmup_epochs=1, lr=1e-3, votes=2, eval_batch=32, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw) -> ReConConfig:
+    return ReConConfig.variant("tiny", **{**TINY, "num_group": 8, "group_size": 16, **kw})
+
+
+def synthetic(n_per_class: int = 6, classes: int = 3, points: int = 160, seed: int = 0) -> FT.ClsData:
+    """Classes = anisotropic blobs elongated along different axes (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    pts, labels = [], []
+    for c in range(classes):
+        for _ in range(n_per_class):
+            scale = np.full(3, 0.3)
+            scale[c % 3] = 1.0
+            pts.append(rng.normal(size=(points, 3)) * scale)
+            labels.append(c)
+    return FT.ClsData(np.asarray(pts, np.float32), np.asarray(labels), np.array([f"s{i}" for i in range(len(labels))]),
+                      [f"c{c}" for c in range(classes)])
+
+
+@pytest.mark.parametrize("head,layers", [("full", 9), ("mlp3", 9), ("linear", 1)])
+def test_head_shapes(head, layers):
+    model = ReConClassifier(tiny_cfg(), num_classes=7, head=head).eval()
+    assert len(model.head) == layers and model.head[0].in_features == 4 * 48
+    assert model(torch.randn(3, 128, 3)).shape == (3, 7)
+
+
+@pytest.mark.parametrize("protocol", ["full", "mlp3", "linear"])
+def test_gradients_and_frozen_bn_per_protocol(protocol):
+    torch.manual_seed(0)
+    p = FT.FinetuneParams(protocol=protocol, **SMALL_RUN)
+    model = FT.build_classifier(p, num_classes=4).train()
+    bn_before = model.encoder.patch_embed.bn1.running_mean.clone()
+    head_bn = model.head[1].running_mean.clone() if protocol != "linear" else None
+    nn.functional.cross_entropy(model(torch.randn(4, 128, 3)), torch.tensor([0, 1, 2, 3])).backward()
+    has_grad = {n for n, q in model.named_parameters() if q.grad is not None and q.grad.abs().sum() > 0}
+    everything = {n for n, _ in model.named_parameters()}
+    trainable = {n for n in everything if n.startswith("head.") or n in ("encoder.cls_token", "encoder.cls_pos")}
+    if protocol == "full":
+        assert has_grad == everything
+        assert not torch.equal(bn_before, model.encoder.patch_embed.bn1.running_mean)
+    else:
+        assert has_grad == trainable
+        assert {n for n, q in model.named_parameters() if q.requires_grad} == trainable
+        assert torch.equal(bn_before, model.encoder.patch_embed.bn1.running_mean)   # frozen statistics
+        assert not model.encoder.training
+        if head_bn is not None:
+            assert not torch.equal(head_bn, model.head[1].running_mean)            # the head's BN trains
+    assert model.head_kind == FT.PROTOCOL_HEADS[protocol]
+    groups = param_groups(model, 0.05, 1e-3, FT.BOOSTED, 10.0)
+    boosted = {id(q) for g in groups if g["lr_scale"] == 10.0 for q in g["params"]}
+    named = dict(model.named_parameters())
+    assert boosted == {id(named[n]) for n in trainable}                            # head + [CLS] at 10x lr
+
+
+class MeanLogits(nn.Module):
+    """logits = [mean x, mean y, mean z] · W: depends on the augmentation of each pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w(x.mean(1) + x.std(1))
+
+
+def test_voting_averages_logits_of_augmented_passes():
+    torch.manual_seed(0)
+    model = MeanLogits()
+    superset = np.random.default_rng(0).normal(size=(5, 60, 3)).astype(np.float32)
+    views = list(FT.vote_views(superset, 40, 3, "scale", seed=1))
+    assert len(views) == 3 and views[0].shape == (5, 40, 3) and not np.allclose(views[0], views[1])
+    expected = np.mean([FT.predict_logits(model, v) for v in views], axis=0)
+    np.testing.assert_allclose(FT.vote_logits(model, superset, 40, 3, "scale", seed=1), expected, rtol=1e-6)
+    single = FT.predict_logits(model, superset[:, :40])
+    assert not np.allclose(single, expected)
+
+
+def test_superset_sampling_and_augmentation():
+    data = synthetic(2, 2, points=300)
+    recipe = FT.FinetuneParams(profile="modelnet40", n_points=128).recipe()
+    sup = FT.prepare(data, recipe)
+    assert FT.superset_size(1024, 8192) == 1200 and FT.superset_size(2048, 2048) == 2048
+    assert sup.shape == (4, 150, 3)                                  # ceil(128 * 1.171875)
+    normed = FT.normalize(data.points[0])
+    first = FT.eval_clouds(data, 128)[0]
+    np.testing.assert_allclose(sup[0, :128], first)                 # FPS prefix = FPS to n_points
+    assert np.isclose(np.linalg.norm(normed, axis=1).max(), 1.0)
+    rng = np.random.default_rng(0)
+    moved = FT.augment(np.ones((10, 3), np.float32), "scale_translate", rng)
+    assert np.all(moved > 2 / 3 - 0.2 - 1e-6) and np.all(moved < 1.5 + 0.2 + 1e-6)
+    assert np.allclose(moved, moved[0])                              # one scale/translation per cloud
+
+
+def save_tiny_pretrain(path: Path) -> ReConPretrain:
+    torch.manual_seed(1)
+    model = ReConPretrain(tiny_cfg(img_feat_dim=24, text_feat_dim=20))
+    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(model.cfg.__dict__, default=list)),
+                "categories": ["a"]}, path)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["ours", "reference"])
+def test_init_from_pretraining_checkpoints(tmp_path, kind):
+    pre = save_tiny_pretrain(tmp_path / "model.pt")
+    path = tmp_path / "model.pt"
+    if kind == "reference":
+        path = tmp_path / "ckpt.pth"
+        torch.save({"base_model": {f"module.{k}": v for k, v in ours_to_reference(pre.state_dict()).items()},
+                    "epoch": 3}, path)
+    init = FT.load_init(str(path))
+    p = FT.FinetuneParams(**{**SMALL_RUN, "init": str(path), "model": {}})
+    model = FT.build_classifier(p, 5, init)
+    assert model.cfg.trans_dim == 48 and model.cfg.depth == 2 and model.cfg.drop_path_rate == 0.2
+    for name, value in model.encoder.state_dict().items():
+        assert torch.equal(value, pre.encoder.state_dict()[name]), name
+
+
+def test_exact_resume_and_validation_selection(tmp_path):
+    data = synthetic(4, 3)
+    p = FT.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "val_fraction": 0.25})
+    straight = FT.finetune(p, data, None, seed=3, out=tmp_path / "a", log=lambda *_: None)
+    assert straight.metrics["selection"] == "best validation accuracy" and straight.metrics["val_shapes"] == 3
+    best = max(straight.history, key=lambda r: r["val_acc"])
+    assert straight.metrics["selected_epoch"] == best["epoch"]
+    steps_per_epoch = straight.history[0]["step"]
+    FT.finetune(FT.FinetuneParams(**{**p.__dict__, "max_steps": steps_per_epoch}), data, None, seed=3,
+                out=tmp_path / "b", log=lambda *_: None)
+    assert [c.name for c in (tmp_path / "b" / "checkpoints").iterdir()] == ["epoch-0000.pt"]
+    resumed = FT.finetune(p, data, None, seed=3, out=tmp_path / "b", log=lambda *_: None)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    tr, val = FT.stratified_split(data.labels, 0.25, seed=3)
+    assert np.bincount(data.labels[val]).tolist() == [1, 1, 1] and len(np.intersect1d(tr, val)) == 0
+
+
+def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
+    root = shared_dir() / "data" / "modelnet40_sample"
+    if not root.is_dir():
+        pytest.skip(f"real ModelNet40 sample not present at {root}")
+    from pipeline.convert import convert_modelnet
+    from stages import finetune as stage
+
+    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
+    store = convert_modelnet(root, tmp_path / "mn40.zarr", n_points=192, log=lambda *_: None).path
+    save_tiny_pretrain(tmp_path / "model.pt")
+    p = stage.params(dict(profile="modelnet40", store=str(store), init=str(tmp_path / "model.pt"),
+                          **{**{k: v for k, v in SMALL_RUN.items() if k not in ("init", "model")},
+                             "seeds": [0, 1], "batch_size": 16}))
+    out = tmp_path / "finetune"
+    summary = stage.run(p, out)
+    assert summary["seeds"] == [0, 1] and len(summary["per_seed"]) == 2
+    accs = [m["test_acc"] for m in summary["per_seed"]]
+    assert summary["test_acc_mean"] == pytest.approx(np.mean(accs)) and summary["test_acc_std"] == pytest.approx(np.std(accs))
+    assert json.loads((out / "metrics.json").read_text()) == summary
+    seed0 = json.loads((out / "seed-0" / "metrics.json").read_text())
+    assert seed0["seed"] == 0 and seed0["selection"] == "last epoch" and seed0["epochs"] == 2
+    assert seed0["test_shapes"] == 33 and seed0["votes"] == 2 and 0 <= seed0["test_vote_acc"] <= 100
+    assert len(seed0["per_class_acc"]) == 33 and seed0["mean_class_acc"] == pytest.approx(seed0["test_acc"])
+    with open(out / "confusion.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 33 and set(rows[0]) == {"actual", "predicted"}
+    assert sum(r["actual"] == r["predicted"] for r in rows) == round(seed0["test_acc"] * 33 / 100)
+    assert (out / "confusion.png").stat().st_size > 1000
+    assert len((out / "history.csv").read_text().splitlines()) == 3
+    model, ckpt = FT.load_finetuned(out / "model.pt")
+    assert len(ckpt["class_names"]) == 40 and model(torch.randn(2, 128, 3)).shape == (2, 40)
