@@ -20,6 +20,18 @@ def shared_dir() -> Path:
     return Path(os.environ.get("RECON_SHARED", ROOT.parent / "shared"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread():
+    """Small tensors on a 2-core box: intra-op threads only add contention (the tests that
+    start processes set OMP_NUM_THREADS=1 for them)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared() -> Path:
     return shared_dir()

@@ -9,15 +9,6 @@ from recon.model import ReConConfig, ReConPretrain
 QUERY_PARAMS = ("encoder.img_token", "encoder.text_token", "encoder.img_pos", "encoder.text_pos")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors on a shared 2-core box: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(**kw) -> ReConConfig:
     base = dict(trans_dim=32, depth=2, num_heads=2, decoder_depth=1, decoder_num_heads=2,
                 num_group=16, group_size=8, drop_path_rate=0.0, img_feat_dim=24, text_feat_dim=20)

@@ -16,15 +16,6 @@ from recon.model import ReConClassifier, ReConConfig, ReConPretrain
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors on a shared 2-core box: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ref_dir() -> Path:
     shared = Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
     path = shared / "fixtures" / "reference"

@@ -11,15 +11,6 @@ import torch
 from recon import pointops as po
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors on a shared 2-core box: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def shared_dir() -> Path:
     return Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

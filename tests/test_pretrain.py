@@ -81,7 +81,6 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_resume_after_interruption_is_exact(cache, tmp_path):
-    torch.set_num_threads(1)
     straight = train(tiny_params(), cache, tmp_path / "a", log=lambda *_: None)
     first = train(tiny_params(max_steps=3), cache, tmp_path / "b", log=lambda *_: None)
     assert len(first["history"]) == 1  # "killed" after epoch 1 (3 steps per epoch)
@@ -95,7 +94,6 @@ def test_resume_after_interruption_is_exact(cache, tmp_path):
 
 
 def test_gradient_accumulation_keeps_the_global_batch(cache, tmp_path):
-    torch.set_num_threads(1)
     accum = train(tiny_params(epochs=1, micro_batch=2), cache, tmp_path / "acc", log=lambda *_: None)
     # pretraining uses every shape (12), global batch 4 → 3 optimiser steps of 2 micro-batches of 2
     assert accum["history"][0]["step"] == 3
