@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from recon.data import fixed_subset
-from recon.pretrain import PretrainParams, build_model, extract_features, knn_probe, train
+from recon.pretrain import PretrainParams, extract_features, knn_probe, train
 from stages.common import cache_dir, console, load_params
 
 

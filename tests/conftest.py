@@ -20,6 +20,14 @@ def shared_dir() -> Path:
     return Path(os.environ.get("RECON_SHARED", ROOT.parent / "shared"))
 
 
+def reference_dir() -> Path:
+    """The released model's fixtures (skips the test when absent)."""
+    path = shared_dir() / "fixtures" / "reference"
+    if not path.exists():
+        pytest.skip(f"reference fixtures not available at {path}")
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _single_torch_thread():
     """Small tensors on a 2-core box: intra-op threads only add contention (the tests that

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,22 +9,15 @@ import torch
 from recon.checkpoint import (init_classifier_from_pretrain, load_reference_checkpoint,
                               load_reference_into, ours_to_reference, reference_name,
                               reference_to_ours)
+from conftest import reference_dir
 from recon.model import ReConClassifier, ReConConfig, ReConPretrain
 
 ATOL = 1e-5
 
 
-def ref_dir() -> Path:
-    shared = Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    path = shared / "fixtures" / "reference"
-    if not path.exists():
-        pytest.skip(f"reference fixtures not available at {path}")
-    return path
-
-
 def load_vector(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors.torch import load_file
-    d = ref_dir()
+    d = reference_dir()
     return load_file(str(d / f"{name}.safetensors")), json.loads((d / f"{name}.json").read_text())
 
 
@@ -205,7 +196,7 @@ def _base_models(num_classes: int = 40):
 
 
 def test_base_key_lists_map_completely_with_shapes():
-    d = ref_dir()
+    d = reference_dir()
     pre_model, ft_model = _base_models()
     for fname, kind, model in (("keys_pretrain_base.json", "pretrain", pre_model),
                                ("keys_finetune_base.json", "finetune", ft_model)):
@@ -221,7 +212,7 @@ def test_base_key_lists_map_completely_with_shapes():
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter")
 def test_init_classifier_from_pretrain_matches_reference_lists():
-    info = json.loads((ref_dir() / "keys_finetune_base.json").read_text())["init_from_pretrain"]
+    info = json.loads((reference_dir() / "keys_finetune_base.json").read_text())["init_from_pretrain"]
     pre, clf = _base_models()
     missing, ignored = init_classifier_from_pretrain(clf, pre.state_dict())
     exp_missing = [f"head.{k[len('cls_head_finetune.'):]}"

@@ -1,24 +1,17 @@
 """Tests for recon.pointops: FPS, kNN, grouping and Chamfer-L2 vs naive references."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import reference_dir
 from recon import pointops as po
 
 
-def shared_dir() -> Path:
-    return Path(os.environ.get("RECON_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
 def load_fixture(name: str) -> dict[str, torch.Tensor]:
-    path = shared_dir() / "fixtures" / "reference" / name
-    if not path.exists():
-        pytest.skip(f"fixture {path} not available")
+    path = reference_dir() / name
     from safetensors.torch import load_file
     return load_file(str(path))
 
