@@ -66,14 +66,19 @@ def index(root: Optional[Path] = typer.Argument(None, help="mesh folder [params:
 
 @app.command("render")
 def render(resolution: Optional[int] = typer.Option(None, help="[params: render.resolution]"),
+           views: Optional[str] = typer.Option(None, help='views as "az,el;az,el" in degrees [params: render.views]'),
+           distance_factor: Optional[float] = typer.Option(None, help="[params: render.distance_factor]"),
+           light_intensity: Optional[float] = typer.Option(None, help="[params: render.light_intensity]"),
            workers: Optional[int] = WORKERS, limit: Optional[int] = LIMIT,
            strict: Optional[bool] = STRICT) -> None:
     """Render every shape to RGB views (pyrender, offscreen) into renders.zarr."""
     from stages import render as stage
     from stages.common import load_params
 
-    p = load_params(stage.RenderParams, "render", dict(resolution=resolution, workers=workers,
-                                                       limit=limit, strict=strict))
+    parsed = [[float(a) for a in v.split(",")] for v in views.split(";")] if views else None
+    p = load_params(stage.RenderParams, "render", dict(
+        resolution=resolution, views=parsed, distance_factor=distance_factor,
+        light_intensity=light_intensity, workers=workers, limit=limit, strict=strict))
     _run(stage.run, p)
 
 

@@ -65,9 +65,13 @@ def show(report: dict) -> None:
     console.print(f"rows {report['rows']}, ok {report['ok']}, failed {report['failed']}; arrays: " +
                   ", ".join(f"{n} {a['dtype']}{a['shape']}" for n, a in report["arrays"].items()))
     if "counts" in report:
-        table = Table("category", "split", "shapes", "ok", title="shapes per category and split")
-        for row in report["counts"]:
-            table.add_row(str(row["category"]), str(row["split"]), str(row["shapes"]), str(row["ok"]))
+        splits = sorted({str(r["split"]) for r in report["counts"]})
+        table = Table("category", *splits, title="ok / shapes per category and split")
+        cells: dict[str, dict[str, str]] = {}
+        for r in report["counts"]:
+            cells.setdefault(str(r["category"]), {})[str(r["split"])] = f"{r['ok']}/{r['shapes']}"
+        for category, by_split in sorted(cells.items()):
+            table.add_row(category, *(by_split.get(s, "-") for s in splits))
         console.print(table)
     if report.get("failures"):
         table = Table("id", "stage", "error", "message", title="failures")

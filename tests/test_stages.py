@@ -180,3 +180,17 @@ def test_real_meshes_index_render_and_sample(meshes_dir, tmp_path, monkeypatch):
     colourful = (images.max(axis=2) - images.min(axis=2)).mean(axis=1)  # textured/coloured shapes
     duck, fuze = table["id"].to_list().index("Duck-Duck"), table["id"].to_list().index("fuze-fuze")
     assert colourful[duck] > 5 and colourful[fuze] > 2
+
+
+def test_render_views_option_overrides_params(workdir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shapes.parquet").write_bytes((workdir / "cache" / "shapes.parquet").read_bytes())
+    monkeypatch.setenv("RECON_CACHE", str(cache))
+    result = invoke("render", "--views", "0,0;90,10", "--resolution", "32", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    import zarr
+    partial = zarr.open_group(partial_path(cache / "renders.zarr"), mode="r")
+    assert partial["images"].shape[1:] == (2, 32, 32, 3)
+    assert partial.attrs["params"]["views"] == [[0.0, 0.0], [90.0, 10.0]]
+    assert int(partial["done"][:].sum()) == 2
