@@ -175,5 +175,16 @@ def convert_checkpoint(src: Path = typer.Argument(..., help="released reference 
     console.print(f"[green]converted {src} → {dst}[/]: {config}")
 
 
+def _register_downstream() -> None:
+    """convert / finetune / evaluate / export live with their stages."""
+    from stages.downstream_cli import convert, evaluate, export, finetune
+
+    for name, fn in (("convert", convert), ("finetune", finetune), ("evaluate", evaluate), ("export", export)):
+        app.command(name)(fn)
+
+
+_register_downstream()
+
+
 if __name__ == "__main__":
     app()

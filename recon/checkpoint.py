@@ -179,19 +179,20 @@ HEADS_BY_WIDTH = {192: 3, 256: 4, 384: 6}
 
 
 def config_from_state_dict(ours: Mapping[str, Tensor], num_heads: int | None = None) -> dict:
-    """ReConConfig fields readable from the weights of a (converted) pretraining state dict.
+    """ReConConfig fields readable from the weights of an our-named state dict.
 
-    Head counts are not stored in weights: the variant's count for its width unless given."""
+    Head counts are not stored in weights: the variant's count for its width (width / 64
+    otherwise) unless given."""
     width = int(ours["encoder.cls_token"].shape[-1])
-    heads = num_heads or HEADS_BY_WIDTH.get(width)
-    if heads is None:
-        raise ValueError(f"width {width} is not a known variant: pass the number of heads")
+    heads = num_heads or HEADS_BY_WIDTH.get(width, max(1, width // 64))
 
     def count(prefix: str) -> int:
         return len({k.split(".")[2] for k in ours if k.startswith(prefix)})
 
     config = {"trans_dim": width, "num_heads": heads, "depth": count("encoder.blocks."),
-              "decoder_depth": count("decoder.blocks."), "decoder_num_heads": heads}
+              "decoder_num_heads": heads}
+    if count("decoder.blocks."):
+        config["decoder_depth"] = count("decoder.blocks.")
     if "rebuild_head.weight" in ours:
         config["group_size"] = int(ours["rebuild_head.weight"].shape[0]) // 3
     for name, field in (("img_proj.weight", "img_feat_dim"), ("text_proj.weight", "text_feat_dim")):

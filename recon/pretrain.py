@@ -11,7 +11,6 @@ import dataclasses
 import json
 from contextlib import nullcontext
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,25 +105,12 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay, p.lr), lr=p.lr, betas=(0.9, 0.999))
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
-    resume = trainstate.latest(ckpt_dir)
-    if resume is not None:
-        state = trainstate.load(resume)
-        if state.get("run") != run_identity(p, stores):
-            aside = ckpt_dir.with_name("checkpoints.previous")
-            if d.is_main:
-                log(f"[yellow]pretrain: {ckpt_dir} holds a run with other params; moved to {aside}, "
-                    "starting afresh[/]")
-                shutil.rmtree(aside, ignore_errors=True)
-                ckpt_dir.rename(aside)
-            d.barrier()
-            resume = None
-    if resume is not None:
+    state = trainstate.resume(ckpt_dir, run_identity(p, stores), d, log, "pretrain")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], json.loads(state["history"])
         trainstate.set_rng_state(state["rng"])
-        if d.is_main:
-            log(f"pretrain: resuming from {resume} (epoch {start_epoch}, step {step})")
     net = torch.compile(model) if p.compile else model
     if d.enabled:
         unused = set(p.targets) != {"rec", "img", "text"}  # heads of switched-off targets get no grad

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
 import re
 from pathlib import Path
 from typing import Any
@@ -61,3 +63,34 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 def latest(folder: Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+def resume(folder: Path, identity: dict, d, log, what: str) -> dict[str, Any] | None:
+    """The latest checkpoint's state when it belongs to this run (same ``identity``). A folder
+    holding another run is moved to ``checkpoints.previous`` (nothing is deleted but an older
+    ``.previous``) and training starts afresh."""
+    path = latest(folder)
+    if path is None:
+        return None
+    state = load(path)
+    if state.get("run") == identity:
+        if d.is_main:
+            log(f"{what}: resuming from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
+        return state
+    aside = folder.with_name(folder.name + ".previous")
+    if d.is_main:
+        log(f"[yellow]{what}: {folder} holds a run with other params or inputs; moved to {aside}, "
+            "starting afresh[/]")
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+    d.barrier()
+    return None
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names and tensor bytes (identifies initial weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -3,6 +3,7 @@ is a no-op, and a render param change reruns render and its dependents, nothing 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,9 @@ TINY = {
     "embed": {"batch_size": 8},
     "pretrain": {"epochs": 1, "batch_size": 2, "warmup_epochs": 0, "n_points": 128,
                  "model": {"trans_dim": 48, "depth": 2, "decoder_depth": 1, "num_group": 8, "group_size": 16}},
+    "convert": {"points": 256},
+    "finetune": {"epochs": 2, "batch_size": 2, "n_points": 128, "num_group": 8, "group_size": 16, "votes": 2},
+    "evaluate": {"n_points": 128},
 }
 
 
@@ -61,15 +65,20 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_then_noop_then_partial_rerun(project):
     first = _dvc(project, "repro")
-    assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain"}
+    assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
+                           "finetune", "evaluate", "export"}
     assert (project / "cache" / "pretrain" / "metrics.json").exists()
+    evaluation = json.loads((project / "cache" / "evaluate" / "metrics.json").read_text())
+    assert {"svm", "zeroshot"} <= set(evaluation)
     second = _dvc(project, "repro")
     assert _ran(second) == set(), second
     metrics = _dvc(project, "metrics", "show")
-    assert "loss_rec" in metrics
+    assert "loss_rec" in metrics and "cache/finetune/metrics.json" in metrics
+    plots = _dvc(project, "plots", "show", "--json")
+    assert "confusion" in plots
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["render"]["resolution"] = 48
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = _dvc(project, "repro")
-    assert _ran(third) == {"render", "embed", "pretrain"}, third
+    assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export"}, third

@@ -1,0 +1,248 @@
+"""Downstream evaluations of a pretrained encoder: linear SVM, zero-shot, few-shot.
+
+- ``svm``: frozen features concat[max over the 3 queries, max + mean over patches] (2C) of the
+  train and test splits, ``LinearSVC(C=0.075)``; train and test accuracy.
+- ``zeroshot``: per class, the sum over the prompt templates of the text-teacher features
+  (``teachers/text.zarr``, categories in its ``ids``); the shape feature is
+  img_proj(IMG) + r * text_proj(TXT) when the image teacher shares the text space (both teacher
+  specs ``open_clip:<same model>``), otherwise text_proj(TXT) alone; cosine similarity; top-1,
+  top-5 and per-class accuracy on the test split only.
+- ``fewshot``: n-way k-shot episodes drawn (seeded, class-balanced) from any classification
+  store, or read from converted Point-BERT folds; a fine-tune per fold; mean ± std (ddof 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.store import StoreError, open_store
+from recon.finetune import (
+    ClsData,
+    FinetuneParams,
+    InitSource,
+    eval_clouds,
+    finetune,
+    load_classification,
+    load_init,
+)
+from recon.model import ReConConfig, ReConPretrain
+
+SVM_C = 0.075
+
+
+# ----------------------------------------------------------------------------- model + features
+
+
+def load_pretrained(path: str | Path) -> ReConPretrain:
+    """Our ``model.pt`` / epoch checkpoint or a reference pretraining ``.pth`` as ReConPretrain (eval)."""
+    init = load_init(str(path))
+    if init is None:
+        raise ValueError("evaluation needs a pretrained checkpoint, not 'scratch'")
+    return pretrain_from_init(init)
+
+
+def pretrain_from_init(init: InitSource) -> ReConPretrain:
+    names = {f.name for f in dataclasses.fields(ReConConfig)}
+    cfg = ReConConfig(**{k: v for k, v in (init.config or {}).items() if k in names})
+    if "rebuild_head.weight" in init.state:
+        cfg = cfg.replace(group_size=int(init.state["rebuild_head.weight"].shape[0]) // 3)
+    model = ReConPretrain(cfg)
+    missing, unexpected = model.load_state_dict(init.state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{init.source} is not a ReCon pretraining checkpoint: missing {missing[:5]}, "
+                         f"unexpected {list(unexpected)[:5]}")
+    return model.eval()
+
+
+@torch.no_grad()
+def batched(fn, clouds: np.ndarray, batch: int, device: torch.device | str) -> list[np.ndarray]:
+    """Apply ``fn`` (returning a tensor or a tuple of tensors) batch-wise; concatenated numpy outputs."""
+    outs: list[list[np.ndarray]] = []
+    for i in range(0, len(clouds), batch):
+        res = fn(torch.from_numpy(np.ascontiguousarray(clouds[i:i + batch])).to(device))
+        res = res if isinstance(res, tuple) else (res,)
+        outs.append([r.float().cpu().numpy() for r in res])
+    return [np.concatenate(parts) for parts in zip(*outs)]
+
+
+# ----------------------------------------------------------------------------- SVM
+
+
+def svm_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 C: float = SVM_C, seed: int = 0) -> tuple[float, float]:
+    """(train accuracy, test accuracy) in % of ``LinearSVC(C)`` fitted on the train features."""
+    from sklearn.svm import LinearSVC
+
+    clf = LinearSVC(C=C, random_state=seed)
+    clf.fit(train_x, train_y)
+    return (float((clf.predict(train_x) == train_y).mean() * 100),
+            float((clf.predict(test_x) == test_y).mean() * 100))
+
+
+def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int = 1024,
+             normalize: bool = True, C: float = SVM_C, batch: int = 64,
+             device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Any]:
+    model.eval().to(device)
+    feats = {name: batched(model.svm_features, eval_clouds(data, n_points, normalize, device), batch, device)[0]
+             for name, data in (("train", train), ("test", test))}
+    train_acc, test_acc = svm_accuracy(feats["train"], train.labels, feats["test"], test.labels, C, seed)
+    return {"train_acc": train_acc, "test_acc": test_acc, "C": C, "feature_dim": int(feats["train"].shape[1]),
+            "train_shapes": len(train), "test_shapes": len(test), "n_points": n_points}
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+def class_text_features(text_store: str | Path, class_names: list[str]) -> tuple[np.ndarray, dict]:
+    """[K, D] sum over templates of the text-teacher features of every class, and the store params."""
+    store = open_store(text_store, expect_arrays={"features": (-1, -1)})
+    ids = [str(i) for i in store.ids]
+    missing = [c for c in class_names if c not in ids]
+    if missing:
+        raise StoreError(f"{text_store} has no prompts for classes {missing}: embed them (its ids are "
+                         f"{ids[:10]}{' ...' if len(ids) > 10 else ''})")
+    feats = np.asarray(store["features"][:], dtype=np.float32)             # [C, T, D]
+    return np.stack([feats[ids.index(c)].sum(0) for c in class_names]), store.params
+
+
+def shares_text_space(image_params: dict | None, text_params: dict) -> bool:
+    """True when image and text teachers are the same ``open_clip:`` model (one embedding space)."""
+    image_t = str((image_params or {}).get("teacher", ""))
+    text_t = str(text_params.get("teacher", ""))
+    return image_t.startswith("open_clip:") and text_t.startswith("open_clip:") and image_t == text_t
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def zero_shot_scores(img: np.ndarray | None, txt: np.ndarray, class_feats: np.ndarray,
+                     ratio: float = 0.25, use_image: bool = False) -> np.ndarray:
+    """Cosine similarity [N, K] of the shape features with the class text features."""
+    shape = img + ratio * txt if use_image else txt
+    return _unit(shape) @ _unit(class_feats).T
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(1).mean() * 100)
+
+
+def zeroshot_eval(model: torch.nn.Module, test: ClsData, text_store: str | Path,
+                  image_store: str | Path | None = None, ratio: float = 0.25, n_points: int = 1024,
+                  normalize: bool = True, batch: int = 64, device: torch.device | str = "cpu"
+                  ) -> dict[str, Any]:
+    """Zero-shot classification of the test split (see module docstring). ``model`` needs
+    ``zero_shot_features(points) -> (img_proj(IMG), text_proj(TXT))``."""
+    from recon.finetune import per_class_accuracy
+
+    class_feats, text_params = class_text_features(text_store, test.class_names)
+    image_params = None
+    if image_store is not None and Path(image_store).exists():
+        image_params = open_store(image_store).params
+    use_image = shares_text_space(image_params, text_params)
+    model.eval().to(device)
+    img, txt = batched(model.zero_shot_features, eval_clouds(test, n_points, normalize, device), batch, device)
+    if txt.shape[1] != class_feats.shape[1] or (use_image and img.shape[1] != class_feats.shape[1]):
+        raise ValueError(f"projection dims (img {img.shape[1]}, text {txt.shape[1]}) do not match the text "
+                         f"teacher's {class_feats.shape[1]}: the checkpoint was pretrained with another teacher")
+    scores = zero_shot_scores(img, txt, class_feats, ratio, use_image)
+    pred = scores.argmax(1)
+    per_class = per_class_accuracy(pred, test.labels, test.class_names)
+    return {"top1_acc": topk_accuracy(scores, test.labels, 1), "top5_acc": topk_accuracy(scores, test.labels, 5),
+            "mean_class_acc": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+            "per_class_acc": per_class, "test_shapes": len(test),
+            "shape_feature": f"img_proj(IMG) + {ratio} * text_proj(TXT)" if use_image else "text_proj(TXT)",
+            "text_teacher": text_params.get("teacher"), "_pred": pred}
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+
+@dataclass
+class FewshotSettings:
+    ways: list[int] = field(default_factory=lambda: [5, 10])
+    shots: list[int] = field(default_factory=lambda: [10, 20])
+    folds: int = 10
+    query: int = 20          # test shapes per class
+    seed: int = 0
+
+
+@dataclass
+class Episode:
+    classes: np.ndarray      # source class of episode label i
+    support: np.ndarray      # rows of the train split
+    query: np.ndarray        # rows of the test split
+
+
+def sample_episode(train_labels: np.ndarray, test_labels: np.ndarray, way: int, shot: int, query: int,
+                   seed: int, fold: int) -> Episode:
+    """``way`` classes, ``shot`` train and ``query`` test shapes each; seeded by (seed, way, shot, fold)."""
+    rng = np.random.default_rng([seed, way, shot, fold])
+    eligible = [c for c in np.unique(train_labels)
+                if (train_labels == c).sum() >= shot and (test_labels == c).sum() >= query]
+    if len(eligible) < way:
+        raise ValueError(f"only {len(eligible)} classes have {shot} train and {query} test shapes; "
+                         f"a {way}-way episode needs {way}")
+    classes = rng.choice(np.asarray(eligible), way, replace=False)
+    support = np.concatenate([rng.choice(np.flatnonzero(train_labels == c), shot, replace=False) for c in classes])
+    queries = np.concatenate([rng.choice(np.flatnonzero(test_labels == c), query, replace=False) for c in classes])
+    return Episode(classes, support, queries)
+
+
+def episode_data(train: ClsData, test: ClsData, ep: Episode) -> tuple[ClsData, ClsData]:
+    """The episode's support / query sets with labels 0..way-1."""
+    remap = {int(c): i for i, c in enumerate(ep.classes)}
+    names = [train.class_names[int(c)] for c in ep.classes]
+
+    def part(data: ClsData, rows: np.ndarray) -> ClsData:
+        sub = data.subset(rows)
+        return ClsData(sub.points, np.array([remap[int(y)] for y in sub.labels], np.int64), sub.ids, names)
+
+    return part(train, ep.support), part(test, ep.query)
+
+
+def _summary(accs: list[float]) -> dict[str, Any]:
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": [float(a) for a in accs]}
+
+
+def fewshot_eval(train: ClsData, test: ClsData, settings: FewshotSettings, params: FinetuneParams,
+                 init: InitSource | None, log=print) -> dict[str, Any]:
+    """Fine-tune per fold on sampled episodes; ``{'5way10shot': {mean, std, folds}, ...}``."""
+    results = {}
+    for way in settings.ways:
+        for shot in settings.shots:
+            accs = []
+            for fold in range(settings.folds):
+                ep = sample_episode(train.labels, test.labels, way, shot, settings.query, settings.seed, fold)
+                ep_train, ep_test = episode_data(train, test, ep)
+                r = finetune(params, ep_train, ep_test, seed=settings.seed + fold, init=init, log=lambda *_: None)
+                accs.append(r.metrics["test_acc"])
+                log(f"fewshot {way}-way {shot}-shot fold {fold}: {accs[-1]:.2f}%")
+            results[f"{way}way{shot}shot"] = _summary(accs)
+    return results
+
+
+def fewshot_from_folds(folder: str | Path, params: FinetuneParams, init: InitSource | None,
+                       seed: int = 0, log=print) -> dict[str, Any]:
+    """The same over converted Point-BERT folds ``folder/{way}way{shot}shot/{fold}.zarr``."""
+    results = {}
+    for setting in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        accs = []
+        for fold_store in sorted(setting.glob("*.zarr"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
+            tr, te = load_classification(fold_store, "train"), load_classification(fold_store, "test")
+            r = finetune(params, tr, te, seed=seed + (int(fold_store.stem) if fold_store.stem.isdigit() else 0),
+                         init=init, log=lambda *_: None)
+            accs.append(r.metrics["test_acc"])
+            log(f"fewshot {setting.name} fold {fold_store.stem}: {accs[-1]:.2f}%")
+        if accs:
+            results[setting.name] = _summary(accs)
+    return results

@@ -1,0 +1,161 @@
+"""SVM, zero-shot and few-shot evaluations: known answers on small stores, deterministic,
+class-balanced episodes, and the evaluate stage end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.convert import Sample, write_classification_store
+from pipeline.store import ArraySpec, StoreWriter
+from recon import evaluate as E
+from recon.finetune import ClsData, FinetuneParams, load_classification
+from recon.model import ReConConfig, ReConPretrain
+
+K, T, D = 3, 4, 8
+
+
+
+def make_store(path, per_class: int = 4, classes: int = K, points: int = 64, seed: int = 0):
+    """Train and test shapes whose x coordinates sit at ``label + 2`` (a label the stub can read)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for split in ("train", "test"):
+        for c in range(classes):
+            for i in range(per_class):
+                pts = rng.uniform(-1, 1, size=(points, 3)).astype(np.float32)
+                pts[:, 0] = c + 2 + 0.01 * pts[:, 0]
+                samples.append(Sample(f"{split}-{c}-{i}", split, c, lambda a=pts: a))
+    return write_classification_store(path, samples, [f"cat{c}" for c in range(classes)], points,
+                                      {"format": "test"}, log=lambda *_: None).path
+
+
+def make_text_store(path, teacher: str, protos: np.ndarray, names: list[str]):
+    """Text store: features [C, T, D] whose template sum points along ``protos``."""
+    rng = np.random.default_rng(1)
+    feats = protos[:, None, :] / T + 0.01 * rng.normal(size=(len(names), T, protos.shape[1]))
+    w = StoreWriter.open(path, names, {"features": ArraySpec((T, protos.shape[1]), "float16", len(names))},
+                         {"teacher": teacher}, log=lambda *_: None)
+    w.write_rows(np.arange(len(names)), {"features": feats.astype(np.float16)}, np.ones(len(names), bool))
+    w.finalise()
+    return path
+
+
+def make_image_store(path, teacher: str):
+    w = StoreWriter.open(path, ["s0"], {"features": ArraySpec((1, 1, D), "float16", 1)}, {"teacher": teacher},
+                         log=lambda *_: None)
+    w.write_rows(np.arange(1), {"features": np.zeros((1, 1, 1, D), np.float16)}, np.ones(1, bool))
+    w.finalise()
+    return path
+
+
+class LabelReader(nn.Module):
+    """A stand-in encoder: TXT = the true class prototype, IMG = the next class's prototype."""
+
+    def __init__(self, protos: np.ndarray):
+        super().__init__()
+        self.protos = torch.from_numpy(protos.astype(np.float32))
+
+    def zero_shot_features(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        label = (points[..., 0].mean(1) - 2).round().long()
+        return self.protos[(label + 1) % len(self.protos)], self.protos[label]
+
+
+def test_svm_separable_features_give_100():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    x = np.eye(4)[y] * 5 + 0.1 * rng.normal(size=(40, 4))
+    assert E.svm_accuracy(x[::2], y[::2], x[1::2], y[1::2]) == (100.0, 100.0)
+    assert E.SVM_C == 0.075
+
+
+def test_topk_and_text_space():
+    scores = np.array([[0.1, 0.9, 0.5], [0.8, 0.1, 0.3]])
+    assert E.topk_accuracy(scores, np.array([2, 0]), 1) == 50.0
+    assert E.topk_accuracy(scores, np.array([2, 0]), 2) == 100.0
+    assert E.topk_accuracy(scores, np.array([2, 0]), 5) == 100.0          # k capped at the class count
+    assert E.shares_text_space({"teacher": "open_clip:ViT-B-32"}, {"teacher": "open_clip:ViT-B-32"})
+    assert not E.shares_text_space({"teacher": "open_clip:ViT-L-14"}, {"teacher": "open_clip:ViT-B-32"})
+    assert not E.shares_text_space({"teacher": "timm:vit_base_patch16_224"}, {"teacher": "open_clip:ViT-B-32"})
+    assert not E.shares_text_space(None, {"teacher": "open_clip:ViT-B-32"})
+
+
+def test_zero_shot_known_answer(tmp_path):
+    store = make_store(tmp_path / "d.zarr")
+    test = load_classification(store, "test")
+    protos = np.eye(K, D) * 3
+    names = ["other", *test.class_names]                                 # extra categories are fine
+    text = make_text_store(tmp_path / "text.zarr", "open_clip:ViT-B-32", np.vstack([np.ones(D), protos]), names)
+    model = LabelReader(protos)
+    # the image teacher is not CLIP: only text_proj(TXT) is used -> the right class every time
+    r = E.zeroshot_eval(model, test, text, make_image_store(tmp_path / "img1.zarr", "timm:vit"), normalize=False, n_points=32)
+    assert r["top1_acc"] == 100.0 and r["shape_feature"] == "text_proj(TXT)" and r["test_shapes"] == 12
+    assert set(r["per_class_acc"].values()) == {100.0} and r["top5_acc"] == 100.0
+    # CLIP image teacher in the same space: img_proj(IMG) + r * text_proj(TXT), dominated by IMG here
+    r = E.zeroshot_eval(model, test, text, make_image_store(tmp_path / "img2.zarr", "open_clip:ViT-B-32"),
+                        ratio=0.25, normalize=False, n_points=32)
+    assert r["top1_acc"] == 0.0 and r["shape_feature"].startswith("img_proj(IMG) + 0.25")
+    feats, _ = E.class_text_features(text, ["cat1"])
+    np.testing.assert_allclose(feats[0], protos[1], atol=0.1)           # sum over the templates
+    with pytest.raises(Exception, match="no prompts for classes"):
+        E.class_text_features(text, ["cat1", "unicorn"])
+
+
+def test_episodes_deterministic_and_class_balanced():
+    train_y = np.repeat(np.arange(6), 12)
+    test_y = np.repeat(np.arange(6), 25)
+    test_y[test_y == 5] = 4                                              # class 5: no test shapes
+    a = E.sample_episode(train_y, test_y, way=3, shot=10, query=20, seed=0, fold=1)
+    b = E.sample_episode(train_y, test_y, way=3, shot=10, query=20, seed=0, fold=1)
+    c = E.sample_episode(train_y, test_y, way=3, shot=10, query=20, seed=0, fold=2)
+    assert all(np.array_equal(x, y) for x, y in ((a.classes, b.classes), (a.support, b.support), (a.query, b.query)))
+    assert not (np.array_equal(a.classes, c.classes) and np.array_equal(a.support, c.support))
+    assert len(set(a.classes.tolist())) == 3 and 5 not in a.classes
+    assert np.bincount(train_y[a.support], minlength=6)[a.classes].tolist() == [10, 10, 10]
+    assert np.bincount(test_y[a.query], minlength=6)[a.classes].tolist() == [20, 20, 20]
+    assert len(np.unique(a.support)) == 30 and len(np.unique(a.query)) == 60
+    with pytest.raises(ValueError, match="6-way"):
+        E.sample_episode(train_y, test_y, way=6, shot=10, query=20, seed=0, fold=0)
+    data = ClsData(np.zeros((72, 4, 3), np.float32), train_y, np.arange(72).astype(str), [f"c{i}" for i in range(6)])
+    tr, _ = E.episode_data(data, data, E.sample_episode(train_y, train_y, 2, 3, 2, 0, 0))
+    assert sorted(tr.labels.tolist()) == [0, 0, 0, 1, 1, 1] and len(tr.class_names) == 2
+
+
+def test_fewshot_tiny_folds(tmp_path):
+    store = make_store(tmp_path / "d.zarr", per_class=3, points=96)
+    train, test = load_classification(store, "train"), load_classification(store, "test")
+    params = FinetuneParams(profile="fewshot", init="scratch", votes=0, n_points=64, num_group=8, group_size=16,
+                            epochs=1, warmup_epochs=0, batch_size=4, device="cpu",
+                            model=dict(trans_dim=48, depth=1, num_heads=3, decoder_depth=1, decoder_num_heads=3))
+    settings = E.FewshotSettings(ways=[2], shots=[2], folds=2, query=2, seed=0)
+    r = E.fewshot_eval(train, test, settings, params, None, log=lambda *_: None)
+    folds = r["2way2shot"]["folds"]
+    assert len(folds) == 2 and all(a in (0.0, 25.0, 50.0, 75.0, 100.0) for a in folds)
+    assert r["2way2shot"]["mean"] == pytest.approx(np.mean(folds)) and r["2way2shot"]["std"] == pytest.approx(np.std(folds))
+
+
+def test_evaluate_stage_svm_and_zeroshot(tmp_path, monkeypatch):
+    from stages import evaluate as stage
+
+    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
+    store = make_store(tmp_path / "d.zarr", per_class=3)
+    torch.manual_seed(0)
+    cfg = ReConConfig.variant("tiny", trans_dim=48, depth=2, num_heads=3, decoder_depth=1, decoder_num_heads=3,
+                              num_group=8, group_size=16, img_feat_dim=D, text_feat_dim=D)
+    model = ReConPretrain(cfg)
+    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(cfg.__dict__, default=list))},
+               tmp_path / "model.pt")
+    text = make_text_store(tmp_path / "text.zarr", "minilm", np.eye(K, D), [f"cat{c}" for c in range(K)])
+    p = stage.params(dict(checkpoint=str(tmp_path / "model.pt"), store=str(store), text_store=str(text),
+                          image_store=str(tmp_path / "absent.zarr"), n_points=32, device="cpu"))
+    metrics = stage.run(p, tmp_path / "evaluate")
+    assert metrics["svm"]["feature_dim"] == 96 and metrics["svm"]["test_shapes"] == 9
+    assert all(0 <= metrics["svm"][k] <= 100 and round(metrics["svm"][k] * 9 / 100, 6).is_integer()
+               for k in ("train_acc", "test_acc"))
+    assert metrics["zeroshot"]["shape_feature"] == "text_proj(TXT)" and metrics["zeroshot"]["test_shapes"] == 9
+    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text()) == metrics
+    assert len((tmp_path / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()) == 10
