@@ -93,7 +93,14 @@ def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int 
     feats = {name: batched(model.svm_features, eval_clouds(data, n_points, normalize, device), batch, device)[0]
              for name, data in (("train", train), ("test", test))}
     train_acc, test_acc = svm_accuracy(feats["train"], train.labels, feats["test"], test.labels, C, seed)
-    return {"train_acc": train_acc, "test_acc": test_acc, "C": C, "feature_dim": int(feats["train"].shape[1]),
+    # Also with features standardised by train-split statistics: weakly trained encoders give
+    # features with large constant offsets and tiny spread, which the raw protocol underfits.
+    mean, std = feats["train"].mean(0), feats["train"].std(0) + 1e-6
+    std_train, std_test = svm_accuracy((feats["train"] - mean) / std, train.labels,
+                                       (feats["test"] - mean) / std, test.labels, C, seed)
+    return {"train_acc": train_acc, "test_acc": test_acc,
+            "train_acc_standardized": std_train, "test_acc_standardized": std_test,
+            "C": C, "feature_dim": int(feats["train"].shape[1]),
             "train_shapes": len(train), "test_shapes": len(test), "n_points": n_points}
 
 

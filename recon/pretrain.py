@@ -232,13 +232,3 @@ def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     pred = np.array([np.bincount(v).argmax() for v in votes])
     return float((pred == test_y).mean()) if len(test_y) else math.nan
 
-
-def load_pretrained(path: Path, map_location: str | torch.device = "cpu") -> ReConPretrain:
-    """A pretraining student from our ``model.pt`` or an ``epoch-NNNN.pt`` checkpoint."""
-    state = trainstate.load(Path(path), map_location)
-    if "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a recon pretraining checkpoint (a released reference "
-                         "checkpoint? convert it with `recon convert-checkpoint`)")
-    model = ReConPretrain(ReConConfig(**state["config"]))
-    model.load_state_dict(state["model"])
-    return model.eval()

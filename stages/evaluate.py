@@ -74,7 +74,10 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
     model = load_pretrained(p.checkpoint).to(device) if {"svm", "zeroshot"} & set(p.tasks) else None
     if "svm" in p.tasks:
         metrics["svm"] = svm_eval(model, train, test, p.n_points, p.normalize, p.svm_c, p.batch, device, p.seed)
-        console.print(f"svm: train {metrics['svm']['train_acc']:.2f}%, test {metrics['svm']['test_acc']:.2f}%")
+        svm = metrics["svm"]
+        console.print(f"svm: train {svm['train_acc']:.2f}%, test {svm['test_acc']:.2f}% (raw features, as the "
+                      f"reference); standardised: train {svm['train_acc_standardized']:.2f}%, "
+                      f"test {svm['test_acc_standardized']:.2f}%")
     if "zeroshot" in p.tasks:
         image_store = p.image_store if p.image_store and Path(p.image_store).exists() else None
         zs = zeroshot_eval(model, test, p.text_store, image_store, p.ratio, p.n_points, p.normalize, p.batch, device)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.store import open_store
 from recon.data import fixed_subset
-from recon.pretrain import load_pretrained
+from recon.evaluate import load_pretrained
 from stages.common import cache_dir, console
 
 

@@ -18,7 +18,8 @@ from recon import trainstate
 from recon.data import PretrainDataset, open_pretrain_stores
 from recon.model import ReConConfig, ReConPretrain
 from recon.optim import lr_at, param_groups
-from recon.pretrain import NonFiniteLoss, PretrainParams, load_pretrained, train
+from recon.evaluate import load_pretrained
+from recon.pretrain import NonFiniteLoss, PretrainParams, train
 
 TINY_MODEL = {"trans_dim": 48, "num_heads": 3, "decoder_num_heads": 3, "depth": 2, "decoder_depth": 1,
               "num_group": 8, "group_size": 16}
