@@ -104,6 +104,7 @@ def embed(image_teacher: Optional[str] = typer.Option(None, help="timm:<model> |
           variants: Optional[int] = typer.Option(None, help="augmented variants per view [params: embed.variants]"),
           batch_size: Optional[int] = typer.Option(None, help="[params: embed.batch_size]"),
           device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:i] [params: embed.device]"),
+          precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA) | bf16 | fp32 [params: embed.precision]"),
           limit: Optional[int] = LIMIT) -> None:
     """Embed renders and prompts with the frozen teachers into teachers/{image,text}.zarr (torchrun: sharded)."""
     from pipeline.teachers import TeacherUnavailable
@@ -112,7 +113,8 @@ def embed(image_teacher: Optional[str] = typer.Option(None, help="timm:<model> |
 
     p = load_params(stage.EmbedParams, "embed", dict(
         image_teacher=image_teacher, text_teacher=text_teacher, image_weights=image_weights,
-        text_weights=text_weights, variants=variants, batch_size=batch_size, device=device, limit=limit))
+        text_weights=text_weights, variants=variants, batch_size=batch_size, device=device,
+        precision=precision, limit=limit))
     try:
         _run(stage.run, p)
     except TeacherUnavailable as err:

@@ -1,6 +1,6 @@
 """Data-stage throughput: render and sample, at 1 and 2 worker processes, side by side.
 
-    python bench/bench_data.py --per-category 4      # 12 demo categories × 4 = 48 shapes
+    python bench/bench_data.py --per-category 24     # the demo's 12 categories × 24 = 288 shapes
 
 Runs the real stages (`stages.render.run`, `stages.sample.run`) on demo meshes in a temporary
 cache, each setting into a fresh store, and prints shapes/s and the 2-worker speed-up.
@@ -32,7 +32,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-category", type=int, default=4)
+    parser.add_argument("--per-category", type=int, default=24)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -53,8 +53,9 @@ def main() -> None:
     print(f"\n{n} demo shapes (224×224 one view; 8192 points), including process start-up")
     for stage, by_workers in results.items():
         line = ", ".join(f"{w} worker(s): {v:6.1f} shapes/s" for w, v in by_workers.items())
-        base = by_workers.get(1)
-        ratio = f" | speed-up {max(by_workers.values()) / base:.2f}x" if base and len(by_workers) > 1 else ""
+        counts = sorted(by_workers)
+        ratio = (f" | {counts[-1]} vs {counts[0]} worker(s): {by_workers[counts[-1]] / by_workers[counts[0]]:.2f}x"
+                 if len(counts) > 1 else "")
         print(f"{stage:>7}: {line}{ratio}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

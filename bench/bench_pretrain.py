@@ -1,8 +1,9 @@
 """Pretraining throughput: cached teacher targets vs online teachers, side by side in one run.
 
 (a) cached: the student reads its image/text targets from arrays (what `recon pretrain` does);
-(b) online: every step runs the image teacher on the rendered views and the text teacher on one
-    prompt per shape, as the reference does, then the same student step.
+(b) online: every step augments each rendered view (random resized crop, flip, RandAugment,
+    cutout) and runs the image teacher on it, and the text teacher on one prompt per shape, as
+    the reference does, then the same student step.
 Same student, same batch, same machine, interleaved. Also: peak memory of one training step
 per variant and batch (each in a fresh subprocess, ru_maxrss).
 
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pipeline.augment import augment_view  # noqa: E402
 from pipeline.prompts import templates  # noqa: E402
 from pipeline.teachers import load_teacher  # noqa: E402
 from recon.model import ReConConfig, ReConPretrain  # noqa: E402
@@ -65,12 +67,13 @@ def bench(args) -> dict:
                 img, txt = cached_img[rows].clone(), cached_txt[rows].clone()
                 t_teacher = 0.0
                 t_data = time.perf_counter() - t0
-            else:
-                batch_images = images[rows].copy()
+            else:  # the reference re-augments each image every step before its teacher sees it
+                batch_images = np.stack([augment_view(im, seed=step * 1000 + i)
+                                         for i, im in enumerate(images[rows])])
                 t_data = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                img = image_teacher.encode_images(batch_images)
-                txt = text_teacher.encode_texts(prompts[rows])
+                img = image_teacher.encode_images(batch_images).clone()  # out of inference mode
+                txt = text_teacher.encode_texts(prompts[rows]).clone()
                 t_teacher = time.perf_counter() - t1
             timing = student_step(model, optimizer, points[rows], img, txt)
             if step:
@@ -87,15 +90,35 @@ def bench(args) -> dict:
     return result
 
 
-def peak_memory(variant: str, batch: int) -> float:
-    """Peak resident memory (GiB) of one forward+backward step, in a fresh process."""
-    code = (f"import torch, resource; from recon.model import ReConConfig, ReConPretrain; "
-            f"torch.manual_seed(0); m = ReConPretrain(ReConConfig.variant({variant!r})); "
-            f"out = m(torch.rand({batch}, 1024, 3), torch.randn({batch}, 768), torch.randn({batch}, 512)); "
-            f"out['loss'].backward(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], check=True)
-    return int(result.stdout.split()[-1]) / 2**20
+MEMORY_PROBE = """
+import threading, time, psutil, torch
+from recon.model import ReConConfig, ReConPretrain
+torch.manual_seed(0)
+model = ReConPretrain(ReConConfig.variant({variant!r}))
+x, img, txt = torch.rand({batch}, 1024, 3), torch.randn({batch}, 768), torch.randn({batch}, 512)
+proc = psutil.Process()
+before = proc.memory_info().rss
+peak, running = [before], [True]
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.005)
+thread = threading.Thread(target=sample)
+thread.start()
+model(x, img, txt)["loss"].backward()
+running[0] = False
+thread.join()
+print(before, peak[0])
+"""
+
+
+def peak_memory(variant: str, batch: int) -> tuple[float, float]:
+    """(resident memory before the step, peak resident memory during one forward+backward) in
+    GiB, sampled every 5 ms in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(variant=variant, batch=batch)],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    before, peak = map(int, result.stdout.split()[-2:])
+    return before / 2**30, peak / 2**30
 
 
 def main() -> None:
@@ -122,9 +145,11 @@ def main() -> None:
         result["peak_memory_gib"] = {}
         for variant in ("tiny", "small", "base"):
             for batch in map(int, args.memory_batches.split(",")):
-                gib = peak_memory(variant, batch)
-                result["peak_memory_gib"][f"{variant}/b{batch}"] = gib
-                print(f"peak memory {variant:>5} batch {batch:>3}: {gib:.2f} GiB (CPU, one train step)")
+                before, peak = peak_memory(variant, batch)
+                result["peak_memory_gib"][f"{variant}/b{batch}"] = {"before_step": before, "peak": peak,
+                                                                      "step": peak - before}
+                print(f"memory {variant:>5} batch {batch:>3}: peak {peak:.2f} GiB resident, "
+                      f"{peak - before:.2f} GiB above the built model (CPU, one train step)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

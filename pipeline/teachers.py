@@ -94,9 +94,15 @@ class Teacher:
         """list of strings -> float32 [B, dim]."""
         raise TypeError(f"{self.name} is a {self.role} teacher; it has no text encoder")
 
+    #: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" (also on CPU: ~2-3x faster batched
+    #: on CPUs with AMX/AVX512-bf16, slightly different features) or "fp32".
+    precision: str = "auto"
+
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 

@@ -34,6 +34,7 @@ class EmbedParams:
     batch_size: int = 64               # images per teacher forward
     loader_workers: int = 0            # DataLoader processes for decoding + augmentation
     device: str = "auto"
+    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     chunk_rows: int = 16
     descriptions: str | None = None    # JSON/YAML: category -> text used in place of its name
     limit: int | None = None
@@ -68,7 +69,7 @@ class ViewVariants(Dataset):
 def _image_store_params(p: EmbedParams, teacher_identity: dict, renders_params: dict) -> dict:
     return {"teacher": p.image_teacher, "weights": teacher_identity.get("weights"),
             "variants": p.variants, "seed": p.seed, "renders": renders_params,
-            "chunk_rows": p.chunk_rows}
+            "chunk_rows": p.chunk_rows, "precision": p.precision}
 
 
 def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_ids: list[str]) -> None:
@@ -77,6 +78,7 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
     renders = open_store(renders_path, expect_ids=shape_ids)
     n_views = renders["images"].shape[1]
     teacher = load_teacher(p.image_teacher, "image", p.image_weights, device=str(d.device))
+    teacher.precision = p.precision
     size = teacher.preprocessing.size
     arrays = {"features": ArraySpec((n_views, p.variants, teacher.dim), "float16", p.chunk_rows)}
     params = _image_store_params(p, teacher.identity(), renders.params)
@@ -152,8 +154,9 @@ def embed_texts(p: EmbedParams, device: torch.device, categories: list[str], out
     names = [descriptions.get(c, c) for c in categories]
     tmpl = templates()
     teacher = load_teacher(p.text_teacher, "text", p.text_weights, device=str(device))
+    teacher.precision = p.precision
     params = {"teacher": p.text_teacher, "weights": teacher.identity().get("weights"),
-              "texts": names, "templates": tmpl}
+              "texts": names, "templates": tmpl, "precision": p.precision}
     arrays = {"features": ArraySpec((len(tmpl), teacher.dim), "float16", max(len(categories), 1))}
     writer = StoreWriter.open(out, categories, arrays, params, {"teacher": teacher.identity()},
                               log=console.print)

@@ -158,3 +158,22 @@ def test_inspect_reports_counts_and_knn(tmp_path):
     assert CliRunner().invoke(app, ["inspect", str(cache / "teachers" / "image.zarr"), "--parquet", str(out)]).exit_code == 0
     frame = pl.read_parquet(out)
     assert frame.columns[:3] == ["id", "category", "split"] and frame.height == 12
+
+
+def test_bf16_precision_is_close_and_recorded(cache, tmp_path):
+    import torch
+    from pipeline.teachers import load_teacher
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.pth"
+    torch.save(load_teacher(IMAGE_TEACHER, "image", "random").module.state_dict(), weights)
+    _embed(cache, image_weights=str(weights), precision="fp32")
+    fp32 = open_store(cache / "teachers" / "image.zarr")["features"][:].astype(np.float32)
+    _embed(cache, image_weights=str(weights), precision="bf16")  # other params: the store is rebuilt
+    store = open_store(cache / "teachers" / "image.zarr")
+    bf16 = store["features"][:].astype(np.float32)
+    assert store.params["precision"] == "bf16"
+    ok = store.ok
+    assert not np.array_equal(bf16[ok], fp32[ok])
+    cosine = (bf16[ok] * fp32[ok]).sum(-1) / (np.linalg.norm(bf16[ok], axis=-1) * np.linalg.norm(fp32[ok], axis=-1))
+    assert cosine.min() > 0.99
