@@ -207,3 +207,33 @@ def test_learns_separable_classes():
     result = FT.finetune(p, train, test, seed=0, log=lambda *_: None)
     assert result.history[-1]["train_acc"] >= 90
     assert result.metrics["test_acc"] >= 90 and result.metrics["test_vote_acc"] >= 90
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 gloo processes: trains, and both ranks end with the same parameters."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    data = synthetic(4, 3)
+    np.savez(tmp_path / "data.npz", points=data.points, labels=data.labels)
+    script = tmp_path / "ddp_finetune.py"
+    script.write_text(
+        "import sys, numpy as np, torch\n"
+        "from recon import finetune as FT\n"
+        "from recon.distributed import setup, teardown\n"
+        "d = setup('cpu')\n"
+        "z = np.load(sys.argv[1])\n"
+        "data = FT.ClsData(z['points'], z['labels'], np.array([f's{i}' for i in range(len(z['labels']))]), ['a', 'b', 'c'])\n"
+        f"p = FT.FinetuneParams(**{{**{SMALL_RUN!r}, 'votes': 0}})\n"
+        "r = FT.finetune(p, data, None, seed=0, d=d, log=print)\n"
+        "print('DIGEST', float(sum(v.double().sum() for v in r.model.parameters())))\n"
+        "teardown(d)\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29547", str(script), str(tmp_path / "data.npz")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("DIGEST")]
+    assert len(digests) == 2 and digests[0] == digests[1]
