@@ -30,6 +30,7 @@ from pipeline.augment import augment_view  # noqa: E402
 from pipeline.prompts import templates  # noqa: E402
 from pipeline.teachers import load_teacher  # noqa: E402
 from recon.model import ReConConfig, ReConPretrain  # noqa: E402
+from recon.optim import adamw  # noqa: E402
 
 
 def student_step(model, optimizer, points, img, txt) -> dict[str, float]:
@@ -49,7 +50,7 @@ def bench(args) -> dict:
     text_teacher = load_teacher(args.text_teacher, "text", "random")
     cfg = ReConConfig.variant(args.variant, img_feat_dim=image_teacher.dim, text_feat_dim=text_teacher.dim)
     model = ReConPretrain(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model, 0.05, 1e-4)  # as the trainer builds it
     rng = np.random.default_rng(0)
     n_shapes = args.batch * (args.steps + 1)
     images = rng.integers(0, 256, (n_shapes, 224, 224, 3), dtype=np.uint8)

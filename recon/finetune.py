@@ -47,7 +47,7 @@ from recon.checkpoint import (
 from recon.data import normalize, rotate_up
 from recon.distributed import Dist, pick_device
 from recon.model import ReConClassifier, ReConConfig
-from recon.optim import lr_at, param_groups, set_lr
+from recon.optim import adamw, lr_at, set_lr
 from recon.pointops import farthest_point_sample
 
 PROTOCOL_HEADS = {"full": "full", "mlp3": "mlp3", "linear": "linear"}
@@ -486,8 +486,7 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training shapes is fewer than one batch on {d.world} processes")
     model = build_classifier(p, train.num_classes, init, recipe).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay, recipe.lr, BOOSTED, p.head_lr_scale),
-                                  lr=recipe.lr, betas=(0.9, 0.999))
+    optimizer = adamw(model, p.weight_decay, recipe.lr, BOOSTED, p.head_lr_scale)
     identity = run_identity(p, seed, store_fingerprint, init)
     ckpt_dir = out / "checkpoints" if out is not None else None
     start_epoch, step, history, best = 0, 0, [], None

@@ -188,13 +188,21 @@ class MiniPointNet(nn.Module):
         self.conv4 = nn.Conv1d(512, out_dim, 1)
 
     def forward(self, groups: Tensor) -> Tensor:
+        # Channels-last: a 1x1 Conv1d is a Linear over each point, and BatchNorm1d over [N, C]
+        # has the same per-channel statistics as over [BG, C, S]. Same weights and numbers as
+        # the Conv1d form, ~1.5x faster forward+backward on CPU (bench/README.md).
         B, G, S, _ = groups.shape
-        x = groups.reshape(B * G, S, 3).transpose(1, 2)                 # [BG,3,S]
-        x = self.conv2(F.relu(self.bn1(self.conv1(x))))                  # [BG,256,S]
-        glob = x.max(dim=2, keepdim=True).values.expand(-1, -1, S)
-        x = torch.cat([glob, x], dim=1)                                  # global part first
-        x = self.conv4(F.relu(self.bn3(self.conv3(x))))                  # [BG,C,S]
-        return x.max(dim=2).values.reshape(B, G, -1)
+        x = groups.reshape(B * G * S, 3)
+        x = self._pointwise(self.conv2, F.relu(self.bn1(self._pointwise(self.conv1, x))))
+        x = x.reshape(B * G, S, -1)                                      # [BG,S,256]
+        glob = x.max(dim=1, keepdim=True).values.expand(-1, S, -1)
+        x = torch.cat([glob, x], dim=2).reshape(B * G * S, -1)           # global part first
+        x = self._pointwise(self.conv4, F.relu(self.bn3(self._pointwise(self.conv3, x))))
+        return x.reshape(B * G, S, -1).max(dim=1).values.reshape(B, G, -1)
+
+    @staticmethod
+    def _pointwise(conv: nn.Conv1d, x: Tensor) -> Tensor:
+        return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
 # ----------------------------------------------------------------------------- blocks

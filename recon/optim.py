@@ -28,6 +28,14 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
             for (is_boosted, nd), params in sorted(groups.items())]
 
 
+def adamw(model: nn.Module, weight_decay: float, lr: float, boosted: tuple[str, ...] = (),
+          boost: float = 10.0) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, betas (0.9, 0.999). The fused kernel (one pass over all
+    parameters) is ~5x faster than the default on CPU for the base model (bench/README.md)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, lr, boosted, boost), lr=lr,
+                             betas=(0.9, 0.999), fused=True)
+
+
 def lr_at(step: float, total_steps: int, warmup_steps: int, base_lr: float,
           min_lr: float = 1e-6, warmup_lr: float = 1e-6) -> float:
     """Linear warm-up from ``warmup_lr`` to ``base_lr``, then cosine down to ``min_lr``."""

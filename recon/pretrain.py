@@ -25,7 +25,7 @@ from recon import trainstate
 from recon.data import PretrainDataset, open_pretrain_stores
 from recon.distributed import Dist, setup, teardown
 from recon.model import ReConConfig, ReConPretrain
-from recon.optim import lr_at, param_groups, set_lr
+from recon.optim import adamw, lr_at, set_lr
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
 
@@ -102,7 +102,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     else:
         sampler = None
     model = build_model(p, stores.image_dim, stores.text_dim).to(d.device)
-    optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay, p.lr), lr=p.lr, betas=(0.9, 0.999))
+    optimizer = adamw(model, p.weight_decay, p.lr)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
     state = trainstate.resume(ckpt_dir, run_identity(p, stores), d, log, "pretrain")
