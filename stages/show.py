@@ -15,7 +15,7 @@ from stages.common import cache_dir, console
 
 
 def reconstruction(checkpoint: Path, out: Path, n_shapes: int = 4, split: str = "test",
-                   seed: int = 0, cache: Path | None = None) -> Path:
+                   seed: int = 0, cache: Path | None = None, n_points: int = 1024) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,11 +24,15 @@ def reconstruction(checkpoint: Path, out: Path, n_shapes: int = 4, split: str = 
     model = load_pretrained(checkpoint)
     table = pl.read_parquet(cache / "shapes.parquet")
     store = open_store(cache / "points.zarr", expect_ids=table["id"].to_list())
-    rows = [r for r in np.flatnonzero(store.ok) if table["split"][int(r)] == split][:n_shapes]
-    if not rows:
+    candidates = [int(r) for r in np.flatnonzero(store.ok) if table["split"][int(r)] == split]
+    if not candidates:
         raise FileNotFoundError(f"no usable {split} shapes in {cache}")
-    n_points = model.cfg.num_group * model.cfg.group_size // 2
-    n_points = 1024 if model.cfg.num_group >= 64 else max(n_points, 256)
+    first_of_category: dict[str, int] = {}  # one shape per category first, for variety
+    for r in candidates:
+        first_of_category.setdefault(table["category"][r], r)
+    firsts = list(first_of_category.values())
+    rows = (firsts + [r for r in candidates if r not in firsts])[:n_shapes]
+    n_points = min(n_points, store["points"].shape[1])
     clouds = torch.from_numpy(np.stack([fixed_subset(store["points"][int(r)], n_points, seed) for r in rows]))
     generator = torch.Generator().manual_seed(seed)
     mask = model.random_mask(len(rows), "cpu", generator=generator)

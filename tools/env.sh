@@ -65,6 +65,8 @@ ensure_system_packages
 ensure_venv
 
 export PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV"
+# This clone first on the import path, even if another clone sharing the venv re-pointed it.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
 export DVC_NO_ANALYTICS=1
 cd "$ROOT"
