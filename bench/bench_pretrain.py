@@ -8,6 +8,7 @@ Same student, same batch, same machine, interleaved. Also: peak memory of one tr
 per variant and batch (each in a fresh subprocess, ru_maxrss).
 
     python bench/bench_pretrain.py --variant base --batch 8 --steps 3
+    python bench/bench_pretrain.py --device cuda --bf16 --batch 128 --memory   # on a GPU
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,54 +31,73 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline.augment import augment_view  # noqa: E402
 from pipeline.prompts import templates  # noqa: E402
 from pipeline.teachers import load_teacher  # noqa: E402
+from recon.distributed import pick_device  # noqa: E402
 from recon.model import ReConConfig, ReConPretrain  # noqa: E402
 from recon.optim import adamw  # noqa: E402
 
 
-def student_step(model, optimizer, points, img, txt) -> dict[str, float]:
-    t0 = time.perf_counter()
-    out = model(points, img, txt)
-    t1 = time.perf_counter()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def student_step(model, optimizer, points, img, txt, device, bf16) -> dict[str, float]:
+    t0 = now(device)
+    with autocast(device, bf16):
+        out = model(points, img, txt)
+    t1 = now(device)
     out["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    t2 = time.perf_counter()
+    t2 = now(device)
     return {"forward": t1 - t0, "backward": t2 - t1}
 
 
 def bench(args) -> dict:
     torch.manual_seed(0)
-    image_teacher = load_teacher(args.image_teacher, "image", "random")
-    text_teacher = load_teacher(args.text_teacher, "text", "random")
+    device = pick_device(args.device)
+    image_teacher = load_teacher(args.image_teacher, "image", "random", device=str(device))
+    text_teacher = load_teacher(args.text_teacher, "text", "random", device=str(device))
+    for teacher in (image_teacher, text_teacher):
+        teacher.precision = "bf16" if args.bf16 else "fp32"
     cfg = ReConConfig.variant(args.variant, img_feat_dim=image_teacher.dim, text_feat_dim=text_teacher.dim)
-    model = ReConPretrain(cfg)
+    model = ReConPretrain(cfg).to(device)
     optimizer = adamw(model, 0.05, 1e-4)  # as the trainer builds it
     rng = np.random.default_rng(0)
     n_shapes = args.batch * (args.steps + 1)
     images = rng.integers(0, 256, (n_shapes, 224, 224, 3), dtype=np.uint8)
-    points = torch.rand(n_shapes, 1024, 3) * 2 - 1
-    cached_img = torch.randn(n_shapes, image_teacher.dim)
-    cached_txt = torch.randn(n_shapes, text_teacher.dim)
+    points = (torch.rand(n_shapes, 1024, 3) * 2 - 1).to(device)
+    cached_img = torch.randn(n_shapes, image_teacher.dim, device=device)
+    cached_txt = torch.randn(n_shapes, text_teacher.dim, device=device)
     prompts = [templates()[i % 60].format("chair") for i in range(n_shapes)]
 
     totals = {mode: {"data": 0.0, "teacher": 0.0, "forward": 0.0, "backward": 0.0} for mode in ("cached", "online")}
     for step in range(args.steps + 1):  # step 0 warms up, not counted
         rows = slice(step * args.batch, (step + 1) * args.batch)
         for mode in ("cached", "online"):
-            t0 = time.perf_counter()
+            t0 = now(device)
             if mode == "cached":
                 img, txt = cached_img[rows].clone(), cached_txt[rows].clone()
                 t_teacher = 0.0
-                t_data = time.perf_counter() - t0
+                t_data = now(device) - t0
             else:  # the reference re-augments each image every step before its teacher sees it
                 batch_images = np.stack([augment_view(im, seed=step * 1000 + i)
                                          for i, im in enumerate(images[rows])])
-                t_data = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                img = image_teacher.encode_images(batch_images).clone()  # out of inference mode
-                txt = text_teacher.encode_texts(prompts[rows]).clone()
-                t_teacher = time.perf_counter() - t1
-            timing = student_step(model, optimizer, points[rows], img, txt)
+                t_data = now(device) - t0
+                t1 = now(device)
+                img = image_teacher.encode_images(batch_images).clone().to(device)  # out of inference mode
+                txt = text_teacher.encode_texts(prompts[rows]).clone().to(device)
+                t_teacher = now(device) - t1
+            timing = student_step(model, optimizer, points[rows], img, txt, device, args.bf16)
             if step:
                 totals[mode]["data"] += t_data
                 totals[mode]["teacher"] += t_teacher
@@ -95,29 +116,43 @@ MEMORY_PROBE = """
 import threading, time, psutil, torch
 from recon.model import ReConConfig, ReConPretrain
 torch.manual_seed(0)
-model = ReConPretrain(ReConConfig.variant({variant!r}))
-x, img, txt = torch.rand({batch}, 1024, 3), torch.randn({batch}, 768), torch.randn({batch}, 512)
-proc = psutil.Process()
-before = proc.memory_info().rss
-peak, running = [before], [True]
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.005)
-thread = threading.Thread(target=sample)
-thread.start()
-model(x, img, txt)["loss"].backward()
-running[0] = False
-thread.join()
-print(before, peak[0])
+device = torch.device({device!r})
+model = ReConPretrain(ReConConfig.variant({variant!r})).to(device)
+x = torch.rand({batch}, 1024, 3, device=device)
+img, txt = torch.randn({batch}, 768, device=device), torch.randn({batch}, 512, device=device)
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled={bf16!r})
+if device.type == "cuda":
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with autocast:
+        loss = model(x, img, txt)["loss"]
+    loss.backward()
+    print(before, torch.cuda.max_memory_allocated(device))
+else:
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    peak, running = [before], [True]
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    with autocast:
+        loss = model(x, img, txt)["loss"]
+    loss.backward()
+    running[0] = False
+    thread.join()
+    print(before, peak[0])
 """
 
 
-def peak_memory(variant: str, batch: int) -> tuple[float, float]:
-    """(resident memory before the step, peak resident memory during one forward+backward) in
-    GiB, sampled every 5 ms in a fresh process."""
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(variant=variant, batch=batch)],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+def peak_memory(variant: str, batch: int, device: torch.device, bf16: bool) -> tuple[float, float]:
+    """(memory before the step, peak memory during one forward+backward) in GiB, in a fresh
+    process: CUDA allocator peak on a GPU, resident memory sampled every 5 ms on CPU."""
+    code = MEMORY_PROBE.format(variant=variant, batch=batch, device=str(device), bf16=bf16)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], check=True)
     before, peak = map(int, result.stdout.split()[-2:])
     return before / 2**30, peak / 2**30
 
@@ -131,9 +166,13 @@ def main() -> None:
     parser.add_argument("--text-teacher", default="open_clip:ViT-B-32")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant/batch")
     parser.add_argument("--memory-batches", default="32,128")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teachers")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, variant {args.variant}, "
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, {'bf16' if args.bf16 else 'fp32'}, variant {args.variant}, "
           f"batch {args.batch}, {args.steps} timed steps, teachers {args.image_teacher} + {args.text_teacher}")
     result = {"throughput": bench(args)}
     for mode in ("cached", "online"):
@@ -146,11 +185,11 @@ def main() -> None:
         result["peak_memory_gib"] = {}
         for variant in ("tiny", "small", "base"):
             for batch in map(int, args.memory_batches.split(",")):
-                before, peak = peak_memory(variant, batch)
+                before, peak = peak_memory(variant, batch, device, args.bf16)
                 result["peak_memory_gib"][f"{variant}/b{batch}"] = {"before_step": before, "peak": peak,
                                                                       "step": peak - before}
-                print(f"memory {variant:>5} batch {batch:>3}: peak {peak:.2f} GiB resident, "
-                      f"{peak - before:.2f} GiB above the built model (CPU, one train step)")
+                print(f"memory {variant:>5} batch {batch:>3}: peak {peak:.2f} GiB, "
+                      f"{peak - before:.2f} GiB above the built model ({device.type}, one train step)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
