@@ -54,8 +54,9 @@ def _compressor() -> zarr.codecs.BloscCodec:
     return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def _canonical(obj: Any) -> Any:
-    """JSON round trip, so tuples and lists (and numpy scalars) compare equal."""
+def json_native(obj: Any) -> Any:
+    """JSON round trip (tuples become lists, numpy scalars and paths plain values), so params
+    compare equal after being stored."""
     return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
 
 
@@ -109,7 +110,7 @@ class StoreWriter:
         Returns None when a complete store with the same ids and params is already at ``path``.
         """
         path = Path(path)
-        params = _canonical(params)
+        params = json_native(params)
         ids = [str(i) for i in ids]
         if path.exists():
             try:
@@ -167,7 +168,7 @@ class StoreWriter:
                                chunks=(spec.chunk_rows, *spec.row_shape),
                                compressors=_compressor(), fill_value=0)
         group.attrs.update({"schema": SCHEMA_VERSION, "params": params,
-                            "provenance": _canonical(provenance), "complete": False})
+                            "provenance": json_native(provenance), "complete": False})
         return cls(path, group, arrays)
 
     @property
@@ -251,7 +252,7 @@ class StoreWriter:
             raise StoreError(f"{pending} rows of {partial_path(self.path)} are not done yet")
         if provenance:
             merged = dict(self.group.attrs.get("provenance", {}))
-            merged.update(_canonical(provenance))
+            merged.update(json_native(provenance))
             self.group.attrs["provenance"] = merged
         self.group.attrs["complete"] = True
         tmp = partial_path(self.path)
@@ -323,7 +324,7 @@ def open_store(path: str | Path, expect_ids: Sequence[str] | None = None,
                              f"{str(ids[i])!r}, expected {str(expect[i])!r} ({bad.size} rows differ)")
     if expect_params:
         found = attrs.get("params", {})
-        wanted = _canonical(expect_params)
+        wanted = json_native(expect_params)
         problems = _diff(wanted, {k: found.get(k) for k in wanted})
         if problems:
             raise StoreError(f"{path} was made with other params: " + "; ".join(problems))

@@ -104,6 +104,17 @@ def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int 
             "train_shapes": len(train), "test_shapes": len(test), "n_points": n_points}
 
 
+def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+              k: int = 5) -> float:
+    """Cosine k-NN accuracy (fraction) of test features against train features, majority vote."""
+    if not len(test_y):
+        return float("nan")
+    sim = _unit(test_x) @ _unit(train_x).T
+    nearest = np.argsort(-sim, axis=1)[:, :min(k, len(train_y))]
+    pred = np.array([np.bincount(votes).argmax() for votes in train_y[nearest]])
+    return float((pred == test_y).mean())
+
+
 # ----------------------------------------------------------------------------- zero-shot
 
 

@@ -455,7 +455,7 @@ class FinetuneResult:
 def run_identity(p: FinetuneParams, seed: int, store_fingerprint: Any, init: InitSource | None = None) -> dict:
     """What a resumed run must share with its checkpoint: params, seed, data, and the initial
     weights themselves (a re-pretrained ``model.pt`` at the same path is another run)."""
-    params = {k: v for k, v in _jsonable(p).items() if k not in RUNTIME_ONLY}
+    params = {k: v for k, v in trainstate.jsonable(p).items() if k not in RUNTIME_ONLY}
     return {"params": params, "seed": seed, "store": store_fingerprint,
             "init": trainstate.state_digest(init.state) if init is not None else "scratch"}
 
@@ -552,9 +552,9 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
         if d.is_main and ckpt_dir is not None:
             trainstate.save(ckpt_dir, epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                "rng": trainstate.rng_state(), "run": identity, "config": _jsonable(model.cfg),
+                "rng": trainstate.rng_state(), "run": identity, "config": trainstate.jsonable(model.cfg),
                 "history": json.dumps(history), **({"best": best} if best is not None else {})}, p.keep_last)
-            write_history(out, history)
+            trainstate.write_history(out, history)
         if d.is_main:
             log(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
         d.barrier()
@@ -581,7 +581,7 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
                             f"{p.profile} {p.protocol} seed {seed}: {metrics['test_acc']:.2f}% (single pass)")
     if d.is_main and out is not None:
         save_model(out / "model.pt", model, train.class_names, p, recipe, selected_epoch)
-        _write_json(out / "metrics.json", metrics)
+        trainstate.write_json(out / "metrics.json", metrics)
     return FinetuneResult(model, metrics, history, pred)
 
 
@@ -590,7 +590,7 @@ def save_model(path: Path, model: ReConClassifier, class_names: list[str], p: Fi
     """The fine-tuned classifier: ``{'model', 'config', 'class_names', 'head', 'recipe', ...}``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({"model": model.state_dict(), "config": _jsonable(model.cfg), "class_names": list(class_names),
+    torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg), "class_names": list(class_names),
                 "head": model.head_kind, "protocol": p.protocol, "recipe": dataclasses.asdict(recipe),
                 "epoch": epoch}, tmp)
     tmp.replace(path)
@@ -616,28 +616,3 @@ def summarise_seeds(per_seed: list[dict]) -> dict[str, Any]:
             summary[f"{key}_std"] = float(np.std(values))
     summary["per_seed"] = [{k: v for k, v in m.items() if k != "per_class_acc"} for m in per_seed]
     return summary
-
-
-def write_history(out: Path, history: list[dict]) -> None:
-    """Per-epoch metrics as CSV (for ``dvc plots``), rewritten atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in history for k in r))
-    lines = [",".join(columns)] + [",".join(_fmt(r.get(c, "")) for c in columns) for r in history]
-    tmp = out / "history.csv.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "history.csv")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))

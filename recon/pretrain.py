@@ -7,16 +7,13 @@ DDP under torchrun, an atomic checkpoint every epoch, exact resume, a non-finite
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from contextlib import nullcontext
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
@@ -174,10 +171,10 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         if d.is_main:
             trainstate.save(ckpt_dir, epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "step": step, "rng": trainstate.rng_state(), "params": _jsonable(p),
+                "step": step, "rng": trainstate.rng_state(), "params": trainstate.jsonable(p),
                 "run": run_identity(p, stores),
-                "config": _jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
-            _write_history(out, history)
+                "config": trainstate.jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
+            trainstate.write_history(out, history)
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
         d.barrier()
         if p.max_steps is not None and step >= p.max_steps:
@@ -191,44 +188,5 @@ RUNTIME_ONLY = ("device", "loader_workers", "compile", "keep_last", "max_steps")
 def run_identity(p: PretrainParams, stores) -> dict:
     """What a resumed run must share with the checkpoint: params (less runtime-only knobs) and
     the params of the stores it trains on."""
-    params = {k: v for k, v in _jsonable(p).items() if k not in RUNTIME_ONLY}
+    params = {k: v for k, v in trainstate.jsonable(p).items() if k not in RUNTIME_ONLY}
     return {"params": params, "stores": stores.fingerprint}
-
-
-def _write_history(out: Path, history: list[dict]) -> None:
-    """Per-epoch metrics as CSV (for ``dvc plots``), rewritten atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    columns = list(history[0])
-    lines = [",".join(columns)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
-                                            for c in columns) for r in history]
-    tmp = out / "history.csv.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "history.csv")
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
-
-
-@torch.inference_mode()
-def extract_features(model: ReConPretrain, clouds: np.ndarray, batch: int = 64,
-                     device: torch.device | str = "cpu") -> np.ndarray:
-    """[CLS, IMG, TXT, max-pool] features [N, 4C] of clouds [N, n, 3], in eval mode."""
-    model.eval()
-    out = []
-    for i in range(0, len(clouds), batch):
-        out.append(model.features(torch.from_numpy(clouds[i:i + batch]).to(device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 4 * model.cfg.trans_dim), np.float32)
-
-
-def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              k: int = 5) -> float:
-    """Cosine k-NN accuracy of test features against train features (majority vote)."""
-    def unit(x):
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sim = unit(test_x) @ unit(train_x).T
-    nearest = np.argsort(-sim, axis=1)[:, :min(k, len(train_y))]
-    votes = train_y[nearest]
-    pred = np.array([np.bincount(v).argmax() for v in votes])
-    return float((pred == test_y).mean()) if len(test_y) else math.nan
-

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -94,3 +96,30 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def jsonable(obj: Any) -> Any:
+    """A dataclass as JSON-native values (tuples become lists), as stored in checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write a metrics file atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    """Per-epoch metrics as ``out/history.csv`` (for ``dvc plots``), rewritten atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in history for k in r))
+    lines = [",".join(columns)] + [",".join(_fmt(r.get(c, "")) for c in columns) for r in history]
+    tmp = out / "history.csv.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "history.csv")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

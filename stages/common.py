@@ -23,6 +23,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from pipeline.store import json_native
+
 console = Console(stderr=True)
 P = TypeVar("P")
 
@@ -146,19 +148,8 @@ def summarise(stage: str, n_total: int, n_failed: int, seconds: float, strict: b
 
 
 def as_jsonable(params: Any) -> dict:
-    return json_safe(dataclasses.asdict(params))
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
+    """A params dataclass as JSON-native values (what stores record)."""
+    return json_native(dataclasses.asdict(params))
 
 
 def fault_injection(rows: np.ndarray) -> None:

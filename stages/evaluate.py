@@ -8,12 +8,12 @@ only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). Outputs
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from recon import trainstate
 from recon.distributed import pick_device
 from recon.evaluate import (
     FewshotSettings,
@@ -95,6 +95,6 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
             settings = FewshotSettings(p.fewshot_ways, p.fewshot_shots, p.fewshot_folds, p.fewshot_query, p.seed)
             metrics["fewshot"] = fewshot_eval(train, test, settings, ft, init, console.print)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trainstate.write_json(out / "metrics.json", metrics)
     console.print(f"[green]evaluate: done → {out / 'metrics.json'}[/]")
     return metrics

@@ -4,11 +4,11 @@ in the graph (``cache/export/classifier.onnx``), checked against torch with onnx
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
+from recon import trainstate
 from recon.export import OPSET, check_onnx, export_onnx
 from recon.finetune import load_finetuned
 from stages.common import console, load_params
@@ -37,6 +37,6 @@ def run(p: ExportParams) -> dict:
     if p.check:
         points = np.random.default_rng(p.seed).normal(size=(2, n_points, 3)).astype(np.float32)
         report["max_abs_diff"] = check_onnx(path, model, points, p.atol)
-    (path.parent / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    trainstate.write_json(path.parent / "check.json", report)
     console.print(f"[green]export: {path}[/]", report)
     return report

@@ -8,11 +8,11 @@ mean ± std over a ``seeds`` sweep with every seed's numbers) plus ``model.pt``,
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from pipeline.store import open_store
+from recon import trainstate
 from recon.distributed import setup, teardown
 from recon.finetune import (
     FinetuneParams,
@@ -53,7 +53,7 @@ def run(p: FinetuneParams, out: Path | None = None) -> dict:
         for name in TOP_LEVEL:
             if (first / name).exists():
                 shutil.copy2(first / name, out / name)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        trainstate.write_json(out / "metrics.json", metrics)
         headline = {k: round(v, 2) for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
         console.print(f"[green]finetune: done → {out}[/]", headline)
         return metrics

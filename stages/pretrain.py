@@ -8,8 +8,6 @@ test split).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +16,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from recon.data import fixed_subset
-from recon.pretrain import PretrainParams, extract_features, knn_probe, train
+from recon import trainstate
+from recon.evaluate import batched, knn_probe
+from recon.pretrain import PretrainParams, train
 from stages.common import cache_dir, console, load_params
 
 
@@ -53,17 +53,14 @@ def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
               for name, rows in (("train", train_rows), ("test", test_rows))}
     labels = {name: stores.category_index[rows] for name, rows in (("train", train_rows), ("test", test_rows))}
     torch.manual_seed(seed)
-    random_model = build_model_like(model).to(device)
+    random_model = type(model)(model.cfg).to(device)
     result = {}
     for tag, net in (("pretrained", model), ("random_init", random_model)):
-        feats = {name: extract_features(net, clouds[name], device=device) for name in clouds}
+        net.eval()
+        feats = {name: batched(net.features, clouds[name], 64, device)[0] for name in clouds}
         result[f"knn5_test_acc_{tag}"] = knn_probe(feats["train"], labels["train"], feats["test"], labels["test"])
     result["test_shapes"] = int(len(test_rows))
     return result
-
-
-def build_model_like(model):
-    return type(model)(model.cfg)
 
 
 def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -> dict:
@@ -77,9 +74,9 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
     metrics = {k: v for k, v in history[-1].items() if k.startswith("loss") or k == "samples_per_s"}
     metrics["epochs"] = len(history)
     metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
-    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(dataclasses.asdict(model.cfg))),
+    torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
                 "categories": result["stores"].categories}, out / "model.pt")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trainstate.write_json(out / "metrics.json", metrics)
     console.print(f"[green]pretrain: done → {out}[/]", metrics)
     return metrics
 
