@@ -300,19 +300,19 @@ class ReConEncoder(nn.Module):
         pos = torch.cat([getattr(self, f"{n}_pos") for n in self.QUERY_NAMES], dim=1)
         return tok.expand(batch, -1, -1), pos.expand(batch, -1, -1)
 
-    def forward(self, neighborhood: Tensor, center: Tensor, mask: Tensor | None = None,
+    def forward(self, neighborhood: Tensor, center: Tensor, visible: Tensor | None = None,
                 stop_grad: bool = False) -> dict[str, Tensor | list[Tensor]]:
-        """Encode groups; only groups with mask == False (ascending index) enter the blocks.
+        """Encode groups; only the groups listed in ``visible`` [B,V] (ascending, see
+        :func:`split_groups`; None = all) enter the blocks.
 
         Returns ``group_tokens`` [B,G,C] (all groups), ``patch_pos`` [B,V,C],
         ``block_outputs`` (list of [B,3+V,C]) and ``tokens`` = final LN output [B,3+V,C].
         """
         group_tokens = self.patch_embed(neighborhood)
-        B, G, C = group_tokens.shape
+        B = group_tokens.shape[0]
         x, c = group_tokens, center
-        if mask is not None:
-            x = group_tokens[~mask].reshape(B, -1, C)
-            c = center[~mask].reshape(B, -1, 3)
+        if visible is not None:
+            x, c = take_rows(group_tokens, visible), take_rows(center, visible)
         patch_pos = self.pos_embed(c)
         q_tok, q_pos = self.queries(B)
         x = torch.cat([q_tok, x], dim=1)
@@ -323,6 +323,19 @@ class ReConEncoder(nn.Module):
             block_outputs.append(x)
         return dict(group_tokens=group_tokens, patch_pos=patch_pos,
                     block_outputs=block_outputs, tokens=self.norm(x))
+
+
+def split_groups(mask: Tensor, num_mask: int) -> tuple[Tensor, Tensor]:
+    """Visible and masked group indices ([B,G-M], [B,M], each ascending, the order boolean
+    indexing gives) of a mask [B,G] with num_mask True per row, without a host sync."""
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+    split = mask.shape[1] - num_mask
+    return order[:, :split], order[:, split:]
+
+
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[b, idx[b]] for every b: [B,G,...] with [B,K] -> [B,K,...]."""
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]
 
 
 def head_input(tokens: Tensor) -> Tensor:
@@ -393,16 +406,15 @@ class ReConPretrain(nn.Module):
         idx = noise.argsort(dim=1)[:, :M]
         return torch.zeros(batch, G, dtype=torch.bool, device=device).scatter_(1, idx, True)
 
-    def _reconstruct(self, tokens: Tensor, neighborhood: Tensor, center: Tensor, mask: Tensor
-                     ) -> dict[str, Tensor]:
-        B, _, C = tokens.shape
-        M, S = int(mask[0].sum()), neighborhood.shape[2]
-        dec_pos_vis = self.decoder_pos_embed(center[~mask].reshape(B, -1, 3))
-        dec_pos_mask = self.decoder_pos_embed(center[mask].reshape(B, M, 3))
+    def _reconstruct(self, tokens: Tensor, neighborhood: Tensor, center: Tensor, visible: Tensor,
+                     masked: Tensor) -> dict[str, Tensor]:
+        B, M, S = tokens.shape[0], masked.shape[1], neighborhood.shape[2]
+        dec_pos_vis = self.decoder_pos_embed(take_rows(center, visible))
+        dec_pos_mask = self.decoder_pos_embed(take_rows(center, masked))
         x = torch.cat([tokens[:, 3:], self.mask_token.expand(B, M, -1)], dim=1)
         decoder_out = self.decoder(x, torch.cat([dec_pos_vis, dec_pos_mask], dim=1), M)
         rebuild = self.rebuild_head(decoder_out).reshape(B * M, S, 3)
-        gt = neighborhood[mask].reshape(B * M, S, 3)
+        gt = take_rows(neighborhood, masked).reshape(B * M, S, 3)
         return dict(dec_pos_vis=dec_pos_vis, dec_pos_mask=dec_pos_mask, decoder_out=decoder_out,
                     rebuild_points=rebuild, gt_points=gt,
                     loss_rec=L.reconstruction_loss(rebuild, gt))
@@ -428,12 +440,16 @@ class ReConPretrain(nn.Module):
         neighborhood, center = group_points(points, cfg.num_group, cfg.group_size)
         B = points.shape[0]
         if mask is None:
-            mask = self.random_mask(B, points.device)
-        mask = mask.to(device=points.device, dtype=torch.bool)
-        if bool((mask.sum(1) != mask[0].sum()).any()):
-            raise ValueError("every cloud must have the same number of masked groups")
+            mask, num_mask = self.random_mask(B, points.device), cfg.num_mask
+        else:  # a caller's mask: one host read to learn and check its count
+            mask = mask.to(device=points.device, dtype=torch.bool)
+            counts = set(mask.sum(1).tolist())
+            if len(counts) != 1:
+                raise ValueError("every cloud must have the same number of masked groups")
+            num_mask = counts.pop()
+        visible, masked = split_groups(mask, num_mask)
 
-        enc = self.encoder(neighborhood, center, mask, stop_grad=cfg.stop_grad)
+        enc = self.encoder(neighborhood, center, visible, stop_grad=cfg.stop_grad)
         tokens = enc["tokens"]
         zero = tokens.new_zeros(())
         out: dict = dict(neighborhood=neighborhood, center=center, mask=mask,
@@ -446,8 +462,8 @@ class ReConPretrain(nn.Module):
                          dec_pos_mask=None, decoder_out=None,
                          loss_rec=zero, loss_img=zero, loss_text=zero, loss_smc=zero)
 
-        if "rec" in cfg.targets and int(mask[0].sum()) > 0:
-            out.update(self._reconstruct(tokens, neighborhood, center, mask))
+        if "rec" in cfg.targets and num_mask > 0:
+            out.update(self._reconstruct(tokens, neighborhood, center, visible, masked))
         if "img" in cfg.targets and img_target is not None:
             out["loss_img"] = L.global_loss(out["img_proj"], img_target, cfg.global_loss, cfg.infonce_tau)
         if "text" in cfg.targets and text_target is not None:

@@ -8,6 +8,7 @@ DDP under torchrun, an atomic checkpoint every epoch, exact resume, a non-finite
 from __future__ import annotations
 
 import json
+import math
 from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
@@ -128,7 +129,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         else:
             order = RandomSampler(dataset, generator=torch.Generator().manual_seed(p.seed * 100003 + epoch))
         loader = DataLoader(dataset, batch_size=micro, sampler=order, drop_last=True,
-                            num_workers=p.loader_workers, persistent_workers=False)
+                            num_workers=p.loader_workers, persistent_workers=False,
+                            pin_memory=d.device.type == "cuda")
         model.train()
         sums = {k: 0.0 for k in ("loss", *LOSS_TERMS)}
         seen, t0, t_data = 0, time.perf_counter(), 0.0
@@ -146,13 +148,14 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                     outputs = net(batch["points"], batch.get("img"), batch.get("text"),
                                   labels=batch["label"])
                     loss = outputs["loss"] / accum
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; "
+                loss.backward()  # queued before the one host read below, which it then overlaps
+                terms = torch.stack([outputs["loss" if k == "loss" else f"loss_{k}"].detach().float()
+                                     for k in sums]).tolist()
+                if not math.isfinite(terms[0]):  # before any optimizer step can use it
+                    raise NonFiniteLoss(f"non-finite loss {terms[0]} at epoch {epoch}, step {step}; "
                                         f"batch shape rows {batch['index'].tolist()}")
-                loss.backward()
-                for k in sums:
-                    key = "loss" if k == "loss" else f"loss_{k}"
-                    sums[k] += float(outputs[key].detach()) * batch["points"].shape[0]
+                for k, value in zip(sums, terms):
+                    sums[k] += value * batch["points"].shape[0]
                 seen += batch["points"].shape[0]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
