@@ -36,7 +36,7 @@ def autocast(device: str, bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def measure(variants: dict[str, tuple[bool, Callable[[], int]]], device: str, rounds: int,
+def measure(teacher: Teacher, variants: dict[str, tuple[bool, Callable[[], int]]], device: str, rounds: int,
             budget_s: float) -> dict[str, float]:
     """Items/s per variant (name -> (bf16, fn returning items done)).
 
@@ -45,6 +45,7 @@ def measure(variants: dict[str, tuple[bool, Callable[[], int]]], device: str, ro
     `rounds`, stopping once budget_s is spent. The best round counts (interference only slows).
     """
     def timed(bf16: bool, fn: Callable[[], int]) -> float:
+        teacher.precision = "bf16" if bf16 else "fp32"  # its default, auto, is bf16 on CUDA
         with autocast(device, bf16):
             t0 = time.perf_counter()
             n = fn()
@@ -76,7 +77,7 @@ def bench_images(t: Teacher, device: str, budget: float, rounds: int, batch: int
             t.encode_images(imgs[i:i + 1])
         return n_single
 
-    return measure({"batched_fp32": (False, batched), "single_fp32": (False, single),
+    return measure(t, {"batched_fp32": (False, batched), "single_fp32": (False, single),
                     "batched_bf16": (True, batched), "single_bf16": (True, single)},
                    device, rounds, budget)
 
@@ -95,7 +96,7 @@ def bench_texts(t: Teacher, device: str, budget: float, rounds: int, batch: int,
             t.encode_texts([s])
         return n_single
 
-    return measure({"batched_fp32": (False, batched), "single_fp32": (False, single),
+    return measure(t, {"batched_fp32": (False, batched), "single_fp32": (False, single),
                     "batched_bf16": (True, batched), "single_bf16": (True, single)},
                    device, rounds, budget)
 
@@ -118,20 +119,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per teacher (max)")
     ap.add_argument("--batch", type=int, default=32, help="image batch size")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--teachers", default=None,
+                    help="comma-separated subset of the teacher specs to time (default: all four)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"load average {os.getloadavg()[0]:.2f}")
     start = time.perf_counter()
     results: dict = {}
+    wanted = set(args.teachers.split(",")) if args.teachers else None
     # (spec, weights, images/prompts done one at a time): sized to keep the run to a few minutes
     for spec, weights, n_single in (("efficientnet_lite0", None, 8),
                                     ("timm:vit_base_patch16_224", "random", 2)):
+        if wanted is not None and spec not in wanted:
+            continue
         t = load_teacher(spec, "image", weights=weights, device=args.device)
         results[spec] = bench_images(t, args.device, args.budget, args.rounds, args.batch, n_single)
         report(f"{spec} [{t.identity()['weights'].split('==')[0]}]", "img/s", results[spec])
         del t
     for spec, weights, batch, n_single in (("minilm", None, 256, 32),
                                            ("open_clip:ViT-B-32", "random", 64, 8)):
+        if wanted is not None and spec not in wanted:
+            continue
         t = load_teacher(spec, "text", weights=weights, device=args.device)
         results[spec] = bench_texts(t, args.device, args.budget, args.rounds, batch, n_single)
         report(f"{spec} [{t.identity()['weights'].split('==')[0]}]", "txt/s", results[spec])

@@ -4,11 +4,15 @@
 (b) online: every step augments each rendered view (random resized crop, flip, RandAugment,
     cutout) and runs the image teacher on it, and the text teacher on one prompt per shape, as
     the reference does, then the same student step.
-Same student, same batch, same machine, interleaved. Also: peak memory of one training step
-per variant and batch (each in a fresh subprocess, ru_maxrss).
+Same student, same batch, same machine: both paths warm up, then alternate in blocks of
+--steps (--rounds times), so that clock ramp-up and drift hit both alike; `--workers N` augments
+the online path's images in N DataLoader worker processes overlapping the GPU work, as the
+reference's loader does (they prefetch during cached blocks too, which if anything flatters the
+online path). Also: peak memory of one training step per variant and batch, each in a fresh
+subprocess (resident memory sampled every 5 ms on CPU, the allocator's peak on CUDA).
 
-    python bench/bench_pretrain.py --variant base --batch 8 --steps 3
-    python bench/bench_pretrain.py --device cuda --bf16 --batch 128 --memory   # on a GPU
+    python bench/bench_pretrain.py --variant base --batch 8 --steps 3 --rounds 2
+    python bench/bench_pretrain.py --device cuda --bf16 --batch 128 --workers 8 --warmup 3 --rounds 3 --memory
 """
 
 from __future__ import annotations
@@ -62,7 +66,48 @@ def student_step(model, optimizer, points, img, txt, device, bf16) -> dict[str, 
     return {"forward": t1 - t0, "backward": t2 - t1}
 
 
+class AugmentedViews(torch.utils.data.Dataset):
+    """The online path's image pipeline over `steps` batches: item i is image i (cycling through
+    the pool) re-augmented with a per-(step, row) seed, so that a DataLoader's workers can do it in
+    parallel, as the reference's loader does."""
+
+    def __init__(self, images: np.ndarray, batch: int, steps: int) -> None:
+        self.images, self.batch, self.steps = images, batch, steps
+
+    def __len__(self) -> int:
+        return self.batch * self.steps
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return augment_view(self.images[i % len(self.images)], seed=(i // self.batch) * 1000 + i % self.batch)
+
+
+def online_batches(images: np.ndarray, batch: int, steps: int, workers: int):
+    """Augmented uint8 image batches [batch, 224, 224, 3], one per step, in order."""
+    views = AugmentedViews(images, batch, steps)
+    if workers == 0:  # serial, in the training process
+        for start in range(0, len(views), batch):
+            yield np.stack([views[i] for i in range(start, start + batch)])
+        return
+    yield from torch.utils.data.DataLoader(views, batch_size=batch, num_workers=workers, collate_fn=stack_views,
+                                           prefetch_factor=2, pin_memory=torch.cuda.is_available())
+
+
+def stack_views(views: list[np.ndarray]) -> torch.Tensor:
+    """A batch as one tensor, so that workers hand it over in shared memory (not pickled)."""
+    return torch.from_numpy(np.stack(views))
+
+
+def schedule(warmup: int, steps: int, rounds: int) -> list[tuple[str, bool]]:
+    """(path, timed) per step: both paths' warm-up steps first, then `rounds` alternating blocks
+    of `steps` cached and `steps` online steps, so that clock ramp-up or drift hits both alike."""
+    plan = [("cached", False)] * warmup + [("online", False)] * warmup
+    for _ in range(rounds):
+        plan += [("cached", True)] * steps + [("online", True)] * steps
+    return plan
+
+
 def bench(args) -> dict:
+    """Samples/s and the time split of both paths (see :func:`schedule` for the order)."""
     torch.manual_seed(0)
     device = pick_device(args.device)
     image_teacher = load_teacher(args.image_teacher, "image", "random", device=str(device))
@@ -72,43 +117,49 @@ def bench(args) -> dict:
     cfg = ReConConfig.variant(args.variant, img_feat_dim=image_teacher.dim, text_feat_dim=text_teacher.dim)
     model = ReConPretrain(cfg).to(device)
     optimizer = adamw(model, 0.05, 1e-4)  # as the trainer builds it
+    student = torch.compile(model, mode=args.compile) if args.compile else model
     rng = np.random.default_rng(0)
-    n_shapes = args.batch * (args.steps + 1)
+    pool = args.steps + args.warmup                    # distinct batches of inputs, reused across rounds
+    n_shapes = args.batch * pool
     images = rng.integers(0, 256, (n_shapes, 224, 224, 3), dtype=np.uint8)
     points = (torch.rand(n_shapes, 1024, 3) * 2 - 1).to(device)
     cached_img = torch.randn(n_shapes, image_teacher.dim, device=device)
     cached_txt = torch.randn(n_shapes, text_teacher.dim, device=device)
     prompts = [templates()[i % 60].format("chair") for i in range(n_shapes)]
 
-    totals = {mode: {"data": 0.0, "teacher": 0.0, "forward": 0.0, "backward": 0.0} for mode in ("cached", "online")}
-    for step in range(args.steps + 1):  # step 0 warms up, not counted
-        rows = slice(step * args.batch, (step + 1) * args.batch)
-        for mode in ("cached", "online"):
-            t0 = now(device)
-            if mode == "cached":
-                img, txt = cached_img[rows].clone(), cached_txt[rows].clone()
-                t_teacher = 0.0
-                t_data = now(device) - t0
-            else:  # the reference re-augments each image every step before its teacher sees it
-                batch_images = np.stack([augment_view(im, seed=step * 1000 + i)
-                                         for i, im in enumerate(images[rows])])
-                t_data = now(device) - t0
-                t1 = now(device)
-                img = image_teacher.encode_images(batch_images).clone().to(device)  # out of inference mode
-                txt = text_teacher.encode_texts(prompts[rows]).clone().to(device)
-                t_teacher = now(device) - t1
-            timing = student_step(model, optimizer, points[rows], img, txt, device, args.bf16)
-            if step:
-                totals[mode]["data"] += t_data
-                totals[mode]["teacher"] += t_teacher
-                for k, v in timing.items():
-                    totals[mode][k] += v
+    plan = schedule(args.warmup, args.steps, args.rounds)
+    views = online_batches(images, args.batch, sum(m == "online" for m, _ in plan), args.workers)
+    parts = {m: {"data": 0.0, "teacher": 0.0, "forward": 0.0, "backward": 0.0} for m in ("cached", "online")}
+    done = {"cached": 0, "online": 0}
+    for mode, timed in plan:
+        rows = slice((done[mode] % pool) * args.batch, (done[mode] % pool + 1) * args.batch)
+        done[mode] += 1
+        t0 = now(device)
+        if mode == "cached":
+            img, txt = cached_img[rows].clone(), cached_txt[rows].clone()
+            t_teacher = 0.0
+            t_data = now(device) - t0
+        else:  # the reference re-augments each image every step before its teacher sees it
+            batch_images = next(views)
+            t_data = now(device) - t0
+            t1 = now(device)
+            img = image_teacher.encode_images(batch_images, batch_size=args.batch).clone().to(device)
+            txt = text_teacher.encode_texts(prompts[rows], batch_size=args.batch).clone().to(device)
+            t_teacher = now(device) - t1
+        timing = student_step(student, optimizer, points[rows], img, txt, device, args.bf16)
+        if timed:
+            parts[mode]["data"] += t_data
+            parts[mode]["teacher"] += t_teacher
+            for k, v in timing.items():
+                parts[mode][k] += v
     result = {}
-    for mode, parts in totals.items():
-        seconds = sum(parts.values())
-        result[mode] = {"samples_per_s": args.batch * args.steps / seconds,
-                        **{f"{k}_s_per_step": v / args.steps for k, v in parts.items()}}
+    n_timed = args.steps * args.rounds
+    for mode, p in parts.items():
+        result[mode] = {"samples_per_s": args.batch * n_timed / sum(p.values()),
+                        **{f"{k}_s_per_step": v / n_timed for k, v in p.items()}}
     result["speedup_cached_over_online"] = result["cached"]["samples_per_s"] / result["online"]["samples_per_s"]
+    compute = {m: sum(v for k, v in p.items() if k != "data") for m, p in parts.items()}
+    result["speedup_without_data"] = compute["online"] / compute["cached"]
     return result
 
 
@@ -168,19 +219,29 @@ def main() -> None:
     parser.add_argument("--memory-batches", default="32,128")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teachers")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader workers augmenting the online path's images (0: in-process, serial)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the student (both paths), mode default | reduce-overhead (CUDA graphs)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed ones")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternating blocks of --steps cached and --steps online steps (3+ on a GPU)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {'bf16' if args.bf16 else 'fp32'}, variant {args.variant}, "
-          f"batch {args.batch}, {args.steps} timed steps, teachers {args.image_teacher} + {args.text_teacher}")
+          f"batch {args.batch}, {args.rounds} x {args.steps} timed steps per path, teachers {args.image_teacher} + {args.text_teacher}, "
+          f"{args.workers} augmentation workers{f', student compiled ({args.compile})' if args.compile else ''}")
     result = {"throughput": bench(args)}
     for mode in ("cached", "online"):
         r = result["throughput"][mode]
         print(f"{mode:>7}: {r['samples_per_s']:7.2f} samples/s | per step: data {r['data_s_per_step']:.3f} s, "
               f"teacher {r['teacher_s_per_step']:.3f} s, forward {r['forward_s_per_step']:.3f} s, "
               f"backward {r['backward_s_per_step']:.3f} s")
-    print(f"cached / online = {result['throughput']['speedup_cached_over_online']:.2f}x")
+    print(f"cached / online = {result['throughput']['speedup_cached_over_online']:.2f}x "
+          f"({result['throughput']['speedup_without_data']:.2f}x counting teachers + student only, "
+          f"as if image augmentation were free)")
     if args.memory:
         result["peak_memory_gib"] = {}
         for variant in ("tiny", "small", "base"):
