@@ -452,12 +452,18 @@ class FinetuneResult:
     pred: np.ndarray | None = None
 
 
+#: the modules whose source decides what fine-tuning computes (dvc.yaml lists them as deps too)
+TRAINING_CODE = ("recon.model", "recon.pointops", "recon.data", "recon.optim", "recon.checkpoint", "recon.finetune")
+
+
 def run_identity(p: FinetuneParams, seed: int, store_fingerprint: Any, init: InitSource | None = None) -> dict:
-    """What a resumed run must share with its checkpoint: params, seed, data, and the initial
-    weights themselves (a re-pretrained ``model.pt`` at the same path is another run)."""
+    """What a resumed run must share with its checkpoint: params, seed, data, the initial
+    weights themselves (a re-pretrained ``model.pt`` at the same path is another run) and the
+    training code."""
     params = {k: v for k, v in trainstate.jsonable(p).items() if k not in RUNTIME_ONLY}
     return {"params": params, "seed": seed, "store": store_fingerprint,
-            "init": trainstate.state_digest(init.state) if init is not None else "scratch"}
+            "init": trainstate.state_digest(init.state) if init is not None else "scratch",
+            "code": trainstate.code_fingerprint(*TRAINING_CODE)}
 
 
 def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int, out: Path | None = None,
@@ -561,6 +567,8 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
         if p.max_steps is not None and step >= p.max_steps:
             break
 
+    if d.is_main and out is not None and history:  # also when a finished run is resumed
+        trainstate.write_history(out, history)
     selection, selected_epoch = "last epoch", history[-1]["epoch"] if history else -1
     if best is not None:
         model.load_state_dict(best["model"])

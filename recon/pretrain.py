@@ -182,14 +182,20 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         d.barrier()
         if p.max_steps is not None and step >= p.max_steps:
             break
+    if d.is_main and history:  # also when a finished run is resumed (dvc removes outputs first)
+        trainstate.write_history(out, history)
     return {"history": history, "model": model, "stores": stores}
 
 
 RUNTIME_ONLY = ("device", "loader_workers", "compile", "keep_last", "max_steps")
 
 
+#: the modules whose source decides what training computes (dvc.yaml lists them as deps too)
+TRAINING_CODE = ("recon.model", "recon.losses", "recon.pointops", "recon.data", "recon.optim", "recon.pretrain")
+
+
 def run_identity(p: PretrainParams, stores) -> dict:
-    """What a resumed run must share with the checkpoint: params (less runtime-only knobs) and
-    the params of the stores it trains on."""
+    """What a resumed run must share with the checkpoint: params (less runtime-only knobs), the
+    params of the stores it trains on, and the training code."""
     params = {k: v for k, v in trainstate.jsonable(p).items() if k not in RUNTIME_ONLY}
-    return {"params": params, "stores": stores.fingerprint}
+    return {"params": params, "stores": stores.fingerprint, "code": trainstate.code_fingerprint(*TRAINING_CODE)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -81,12 +82,22 @@ def resume(folder: Path, identity: dict, d, log, what: str) -> dict[str, Any] | 
         return state
     aside = folder.with_name(folder.name + ".previous")
     if d.is_main:
-        log(f"[yellow]{what}: {folder} holds a run with other params or inputs; moved to {aside}, "
+        log(f"[yellow]{what}: {folder} holds a run with other params, inputs or code; moved to {aside}, "
             "starting afresh[/]")
         shutil.rmtree(aside, ignore_errors=True)
         folder.rename(aside)
     d.barrier()
     return None
+
+
+def code_fingerprint(*modules: str) -> str:
+    """sha256 over the source of the named modules: a checkpoint written by other training code
+    is another run (a rerun after a code change retrains instead of resuming a stale model)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(name.encode())
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

@@ -162,6 +162,10 @@ def test_exact_resume_and_validation_selection(tmp_path):
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    (tmp_path / "b" / "history.csv").unlink()  # a rerun of the finished run rewrites its outputs
+    again = FT.finetune(p, data, None, seed=3, out=tmp_path / "b", log=lambda *_: None)
+    assert (tmp_path / "b" / "history.csv").read_text().count("\n") == 4
+    assert again.metrics == resumed.metrics
     tr, val = FT.stratified_split(data.labels, 0.25, seed=3)
     assert np.bincount(data.labels[val]).tolist() == [1, 1, 1] and len(np.intersect1d(tr, val)) == 0
 

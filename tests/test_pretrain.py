@@ -92,6 +92,13 @@ def test_resume_after_interruption_is_exact(cache, tmp_path):
     saved = trainstate.list_checkpoints(tmp_path / "b" / "checkpoints")
     assert [p.name for p in saved] == ["epoch-0000.pt", "epoch-0001.pt"]
     assert (tmp_path / "b" / "history.csv").read_text().count("\n") == 3
+    # rerun of the finished run after its outputs were removed (what dvc repro does): nothing to
+    # train, same weights, and history.csv is written again
+    (tmp_path / "b" / "history.csv").unlink()
+    again = train(tiny_params(), cache, tmp_path / "b", log=lambda *_: None)
+    assert again["history"] == resumed["history"]
+    assert (tmp_path / "b" / "history.csv").read_text().count("\n") == 3
+    torch.testing.assert_close(again["model"].state_dict(), resumed["model"].state_dict(), rtol=0, atol=0)
 
 
 def test_gradient_accumulation_keeps_the_global_batch(cache, tmp_path):
@@ -108,6 +115,21 @@ def test_changed_params_start_afresh_and_keep_the_old_run(cache, tmp_path):
     train(tiny_params(epochs=1, lr=1e-4), cache, tmp_path / "r", log=messages.append)
     assert any("other params" in m for m in messages)
     assert (tmp_path / "r" / "checkpoints.previous" / "epoch-0000.pt").exists()
+
+
+def test_changed_training_code_retrains_instead_of_resuming(cache, tmp_path, monkeypatch):
+    import recon.pretrain as P
+    train(tiny_params(epochs=1), cache, tmp_path / "r", log=lambda *_: None)
+    messages = []
+    same = train(tiny_params(epochs=1), cache, tmp_path / "r", log=messages.append)
+    assert any("resuming" in m for m in messages) and len(same["history"]) == 1
+    monkeypatch.setattr(P, "TRAINING_CODE", P.TRAINING_CODE[:-1])   # as if a module's source changed
+    messages.clear()
+    train(tiny_params(epochs=1), cache, tmp_path / "r", log=messages.append)
+    assert any("other params, inputs or code" in m for m in messages)
+    assert (tmp_path / "r" / "checkpoints.previous" / "epoch-0000.pt").exists()
+    a, b = trainstate.code_fingerprint("recon.model"), trainstate.code_fingerprint("recon.losses")
+    assert a != b and a == trainstate.code_fingerprint("recon.model")
 
 
 def test_non_finite_loss_stops_with_step_and_rows(cache, tmp_path):
