@@ -3,7 +3,8 @@
 # CUDA tests (reference vectors, point ops = CPU, bf16 step keeps the stop-gradient), cached vs
 # online pretraining throughput at base/batch 128 in fp32 and bf16 (online images augmented by 8
 # loader workers, as the reference's loader does; plus the serial variant), the CUDA allocator's
-# peak memory per variant, teacher throughput, and a student compiled with CUDA graphs last. Each step has its own
+# peak memory per variant, the student's step captured as one CUDA graph, teacher throughput,
+# and a student compiled with CUDA graphs (torch.compile reduce-overhead) last. Each step has its own
 # time limit, so one that hangs does not cost the others; results go to $OUT (default /tmp/gpu_check).
 #
 #   carry: .whl (open_clip_torch, ftfy, wcwidth, timm wheels), .gpu (shared/fixtures/reference)
@@ -29,6 +30,7 @@ step() { local limit=$1; shift; timeout "$limit" "$@" 2>&1 | grep -v "No pretrai
   if [ "${QUICK:-0}" = 1 ]; then memory=""; else memory="--memory"; fi
   log bf16; step 150 $B --workers 8 --bf16 $memory --out "$OUT/pretrain_bf16.json"
   [ -n "$memory" ] && { log serial; step 60 $B --workers 0 --bf16 --out "$OUT/pretrain_bf16_serial.json"; }
+  log cudagraph; step 90 $B --workers 8 --bf16 --cuda-graph --out "$OUT/pretrain_bf16_cudagraph.json"
   log embed; step 60 python3 bench/bench_embed.py --device cuda --batch 128 --budget 10 \
     --teachers timm:vit_base_patch16_224,open_clip:ViT-B-32 --out "$OUT/embed.json"
   # default-mode compile was measured (bench/README.md: +8 %); CUDA graphs are what is left to try
