@@ -2,8 +2,8 @@
 
 Outputs (``cache/pretrain/``): ``checkpoints/epoch-NNNN.pt`` (the last k), ``model.pt`` (final
 weights + config), ``history.csv`` (per-epoch losses, lr, samples/s) and ``metrics.json``
-(final losses and the k-NN probe accuracy of pretrained vs randomly initialised features on the
-test split).
+(final losses, the loss a constant mean-target predictor would get for each teacher, and the k-NN
+probe accuracy of pretrained vs randomly initialised features on the test split).
 """
 
 from __future__ import annotations
@@ -63,6 +63,36 @@ def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
     return result
 
 
+def _elementwise_loss(diff: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "smooth_l1":  # beta 1, as recon.losses
+        a = np.abs(diff)
+        return np.where(a < 1.0, 0.5 * diff * diff, a - 0.5)
+    return diff * diff       # l2
+
+
+def constant_baselines(stores, kind: str = "smooth_l1", chunk: int = 4096) -> dict[str, float]:
+    """The image/text loss of always predicting the mean target (over the usable shapes, every
+    view/variant and template as the dataset draws them). A training loss at this level means the
+    student learned nothing shape-specific from that teacher. Only for smooth_l1 and l2."""
+    if kind not in ("smooth_l1", "l2"):
+        return {}
+    result = {}
+    rows = np.asarray(stores.rows)
+    if stores.image is not None and len(rows):
+        dim = stores.image.shape[-1]
+        blocks = [stores.image[rows[i:i + chunk]].reshape(-1, dim).astype(np.float64) for i in range(0, len(rows), chunk)]
+        mean = sum(b.sum(0) for b in blocks) / sum(len(b) for b in blocks)
+        total = sum(_elementwise_loss(b - mean, kind).sum() for b in blocks)
+        result["loss_img_constant_baseline"] = float(total / (sum(len(b) for b in blocks) * dim))
+    if stores.text is not None and len(rows):
+        counts = np.bincount(stores.category_index[rows], minlength=len(stores.text)).astype(np.float64)
+        text = stores.text.astype(np.float64)                          # [C, T, D]
+        mean = np.einsum("c,ctd->d", counts, text) / (counts.sum() * text.shape[1])
+        per_category = _elementwise_loss(text - mean, kind).mean(axis=(1, 2))
+        result["loss_text_constant_baseline"] = float((counts * per_category).sum() / counts.sum())
+    return result
+
+
 def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -> dict:
     cache = cache or cache_dir()
     out = out or cache / "pretrain"
@@ -73,6 +103,12 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
     device = next(model.parameters()).device
     metrics = {k: v for k, v in history[-1].items() if k.startswith("loss") or k == "samples_per_s"}
     metrics["epochs"] = len(history)
+    metrics.update(constant_baselines(result["stores"], p.global_loss))
+    for term in ("img", "text"):
+        loss, baseline = metrics.get(f"loss_{term}"), metrics.get(f"loss_{term}_constant_baseline")
+        if loss is not None and baseline and loss > 0.95 * baseline:
+            console.print(f"[yellow]pretrain: loss_{term} {loss:.4g} is within 5 % of predicting the mean target "
+                          f"({baseline:.4g}): nothing shape-specific learned from that teacher yet[/]")
     metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
     torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
                 "categories": result["stores"].categories}, out / "model.pt")
