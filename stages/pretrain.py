@@ -41,7 +41,8 @@ class LossBar:
 
 def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
     """k-NN (k=5, cosine) accuracy on the test split from train-split features: pretrained vs
-    the same architecture at random init. Reported, not asserted on."""
+    the same architecture at random init, on the whole probe feature and on each of its parts.
+    Reported, not asserted on."""
     split = stores.shapes["split"].to_numpy()
     usable = np.zeros(len(split), dtype=bool)
     usable[stores.rows] = True
@@ -55,10 +56,16 @@ def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     random_model = type(model)(model.cfg).to(device)
     result = {}
+    width = model.cfg.trans_dim
     for tag, net in (("pretrained", model), ("random_init", random_model)):
         net.eval()
         feats = {name: batched(net.features, clouds[name], 64, device)[0] for name in clouds}
         result[f"knn5_test_acc_{tag}"] = knn_probe(feats["train"], labels["train"], feats["test"], labels["test"])
+        # the same probe on each part of concat[CLS, IMG, TXT, max-pooled patches]: which part learned
+        result[f"knn5_test_acc_{tag}_by_part"] = {
+            part: knn_probe(feats["train"][:, k * width:(k + 1) * width], labels["train"],
+                            feats["test"][:, k * width:(k + 1) * width], labels["test"])
+            for k, part in enumerate(("cls", "img", "txt", "pooled"))}
     result["test_shapes"] = int(len(test_rows))
     return result
 

@@ -67,7 +67,9 @@ def test_repro_then_noop_then_partial_rerun(project):
     first = _dvc(project, "repro")
     assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
                            "finetune", "evaluate", "export"}
-    assert (project / "cache" / "pretrain" / "metrics.json").exists()
+    pretrain = json.loads((project / "cache" / "pretrain" / "metrics.json").read_text())
+    assert {"loss_img_constant_baseline", "loss_text_constant_baseline"} <= set(pretrain)
+    assert set(pretrain["probe"]["knn5_test_acc_pretrained_by_part"]) == {"cls", "img", "txt", "pooled"}
     evaluation = json.loads((project / "cache" / "evaluate" / "metrics.json").read_text())
     assert {"svm", "zeroshot"} <= set(evaluation)
     second = _dvc(project, "repro")
