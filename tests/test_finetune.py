@@ -232,12 +232,13 @@ def test_ddp_two_cpu_processes(tmp_path):
         "data = FT.ClsData(z['points'], z['labels'], np.array([f's{i}' for i in range(len(z['labels']))]), ['a', 'b', 'c'])\n"
         f"p = FT.FinetuneParams(**{{**{SMALL_RUN!r}, 'votes': 0}})\n"
         "r = FT.finetune(p, data, None, seed=0, d=d, log=print)\n"
-        "print('DIGEST', float(sum(v.double().sum() for v in r.model.parameters())))\n"
+        "import os, pathlib\n"  # one file per rank: two ranks' stdout can interleave mid-line
+        "pathlib.Path(sys.argv[2], 'digest-' + os.environ['RANK']).write_text(repr(float(sum(v.double().sum() for v in r.model.parameters()))))\n"
         "teardown(d)\n")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29547", str(script), str(tmp_path / "data.npz")],
+                             "--master_port", "29547", str(script), str(tmp_path / "data.npz"), str(tmp_path)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    digests = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("DIGEST")]
-    assert len(digests) == 2 and digests[0] == digests[1]
+    digests = [(tmp_path / f"digest-{rank}").read_text() for rank in (0, 1)]
+    assert digests[0] == digests[1]

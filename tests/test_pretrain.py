@@ -157,14 +157,15 @@ def test_ddp_two_cpu_processes(cache, tmp_path):
             f"p = PretrainParams(variant='tiny', model={TINY_MODEL!r}, epochs=1, batch_size=4, n_points=128, "
             "warmup_epochs=0, device='cpu'); "
             "r = train(p, Path(sys.argv[1]), Path(sys.argv[2]), log=print); "
-            "import torch; print('DIGEST', float(sum(v.double().sum() for v in r['model'].parameters())))")
+            "import os; (Path(sys.argv[2]) / ('digest-' + os.environ['RANK'])).write_text("  # a file per rank: stdouts interleave
+            "repr(float(sum(v.double().sum() for v in r['model'].parameters()))))")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29533", str(script), str(cache), str(tmp_path / "ddp")],
                             capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    digests = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("DIGEST")]
-    assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold the same parameters (BN running stats are per rank)
+    digests = [(tmp_path / "ddp" / f"digest-{rank}").read_text() for rank in (0, 1)]
+    assert digests[0] == digests[1]  # both ranks hold the same parameters (BN running stats are per rank)
     assert (tmp_path / "ddp" / "checkpoints" / "epoch-0000.pt").exists()
 
 
