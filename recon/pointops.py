@@ -37,10 +37,11 @@ def farthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
                           torch.full_like(sq_norm, FPS_INIT_DIST), torch.full_like(sq_norm, -1.0))
     cur = torch.zeros(B, 1, dtype=torch.long, device=xyz.device)
     chosen = [cur]
-    for _ in range(1, npoint):
+    for _ in range(1, npoint):  # 7 kernels a step: launches, not FLOPs, bound this loop on a GPU
         c = coords.gather(2, cur.unsqueeze(1).expand(B, 3, 1))       # [B,3,1]
-        diff = coords - c
-        torch.minimum(running, _sum_sq(diff[:, 0], diff[:, 1], diff[:, 2]), out=running)
+        sq = (coords - c).square_()                                  # [B,3,N]: dx², dy², dz²
+        dist = (sq[:, 0] + sq[:, 1]).add_(sq[:, 2])                  # summed left to right, as _sum_sq
+        torch.minimum(running, dist, out=running)
         cur = running.argmax(dim=1, keepdim=True)                    # first maximum
         chosen.append(cur)
     return torch.cat(chosen, dim=1)
