@@ -28,6 +28,14 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one tiny all-reduce under DDP)."""
+        if not self.enabled:
+            return flag
+        found = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "auto":

@@ -151,9 +151,10 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                 loss.backward()  # queued before the one host read below, which it then overlaps
                 terms = torch.stack([outputs["loss" if k == "loss" else f"loss_{k}"].detach().float()
                                      for k in sums]).tolist()
-                if not math.isfinite(terms[0]):  # before any optimizer step can use it
-                    raise NonFiniteLoss(f"non-finite loss {terms[0]} at epoch {epoch}, step {step}; "
-                                        f"batch shape rows {batch['index'].tolist()}")
+                bad = not math.isfinite(terms[0])
+                if d.any(bad):  # every rank stops before an optimizer step can use the gradients
+                    where = f"batch shape rows {batch['index'].tolist()}" if bad else "on another rank"
+                    raise NonFiniteLoss(f"non-finite loss {terms[0]} at epoch {epoch}, step {step}; {where}")
                 for k, value in zip(sums, terms):
                     sums[k] += value * batch["points"].shape[0]
                 seen += batch["points"].shape[0]

@@ -169,6 +169,22 @@ def test_ddp_two_cpu_processes(cache, tmp_path):
     assert (tmp_path / "ddp" / "checkpoints" / "epoch-0000.pt").exists()
 
 
+def test_any_rank_flag_reaches_every_rank(tmp_path):
+    """Dist.any under torchrun (2 gloo processes): a non-finite loss on one rank stops all of them
+    before an optimizer step, so no rank can checkpoint weights updated from NaN gradients."""
+    script = tmp_path / "any.py"
+    script.write_text("import sys; from pathlib import Path; from recon.distributed import setup, teardown; "
+                      "d = setup('cpu'); "
+                      "Path(sys.argv[1], f'any-{d.rank}').write_text(f'{d.any(d.rank == 1)} {d.any(False)}'); "
+                      "teardown(d)")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29559", str(script), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(tmp_path / f"any-{rank}").read_text() for rank in (0, 1)] == ["True False", "True False"]
+
+
 def test_show_reconstruction_writes_a_png(cache, tmp_path):
     from stages.show import reconstruction
     train(tiny_params(epochs=1), cache, tmp_path / "s", log=lambda *_: None)
