@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from recon.data import fixed_subset
 from recon import trainstate
 from recon.evaluate import batched, knn_probe
+from recon.losses import global_loss
 from recon.pretrain import PretrainParams, train
 from stages.common import cache_dir, console, load_params
 
@@ -70,33 +71,35 @@ def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
     return result
 
 
-def _elementwise_loss(diff: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "smooth_l1":  # beta 1, as recon.losses
-        a = np.abs(diff)
-        return np.where(a < 1.0, 0.5 * diff * diff, a - 0.5)
-    return diff * diff       # l2
-
-
 def constant_baselines(stores, kind: str = "smooth_l1", chunk: int = 4096) -> dict[str, float]:
     """The image/text loss of always predicting the mean target (over the usable shapes, every
-    view/variant and template as the dataset draws them). A training loss at this level means the
-    student learned nothing shape-specific from that teacher. Only for smooth_l1 and l2."""
+    view/variant and template as the dataset draws them), with the training loss itself
+    (:func:`recon.losses.global_loss`). A training loss at this level means the student learned
+    nothing shape-specific from that teacher. Only for smooth_l1 and l2 (a mean is their best
+    constant)."""
     if kind not in ("smooth_l1", "l2"):
         return {}
     result = {}
     rows = np.asarray(stores.rows)
     if stores.image is not None and len(rows):
         dim = stores.image.shape[-1]
-        blocks = [stores.image[rows[i:i + chunk]].reshape(-1, dim).astype(np.float64) for i in range(0, len(rows), chunk)]
-        mean = sum(b.sum(0) for b in blocks) / sum(len(b) for b in blocks)
-        total = sum(_elementwise_loss(b - mean, kind).sum() for b in blocks)
-        result["loss_img_constant_baseline"] = float(total / (sum(len(b) for b in blocks) * dim))
+
+        def blocks():  # float64 [k, D] targets, a chunk of rows at a time (two passes, O(chunk) memory)
+            for i in range(0, len(rows), chunk):
+                yield torch.from_numpy(stores.image[rows[i:i + chunk]].reshape(-1, dim).astype(np.float64))
+
+        count = sum(len(block) for block in blocks())
+        mean = sum(block.sum(0) for block in blocks()) / count
+        total = sum(global_loss(mean.expand_as(block), block, kind).item() * len(block) for block in blocks())
+        result["loss_img_constant_baseline"] = total / count
     if stores.text is not None and len(rows):
-        counts = np.bincount(stores.category_index[rows], minlength=len(stores.text)).astype(np.float64)
-        text = stores.text.astype(np.float64)                          # [C, T, D]
-        mean = np.einsum("c,ctd->d", counts, text) / (counts.sum() * text.shape[1])
-        per_category = _elementwise_loss(text - mean, kind).mean(axis=(1, 2))
-        result["loss_text_constant_baseline"] = float((counts * per_category).sum() / counts.sum())
+        counts = np.bincount(stores.category_index[rows], minlength=len(stores.text))
+        text = torch.from_numpy(stores.text.astype(np.float64))                 # [C, T, D]
+        weights = torch.from_numpy(counts.astype(np.float64))
+        mean = torch.einsum("c,ctd->d", weights, text) / (weights.sum() * text.shape[1])
+        total = sum(n * global_loss(mean.expand_as(text[c]), text[c], kind).item()
+                    for c, n in enumerate(counts) if n)
+        result["loss_text_constant_baseline"] = total / counts.sum()
     return result
 
 

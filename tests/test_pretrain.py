@@ -218,6 +218,8 @@ def test_constant_baselines_match_brute_force(cache):
     l2 = constant_baselines(stores, "l2")["loss_img_constant_baseline"]
     assert l2 == pytest.approx(image.var(0).mean(), rel=1e-9)
     assert constant_baselines(stores, "infonce") == {}
+    chunked = constant_baselines(stores, chunk=5)      # several row chunks give the same figures
+    assert chunked == pytest.approx(got, rel=1e-12)
 
 
 def test_image_distillation_learns_shape_specific_targets(tmp_path):
