@@ -141,12 +141,15 @@ def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | ba
              lr: Optional[float] = typer.Option(None, help="[params: pretrain.lr]"),
              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [params: pretrain.device]"),
              compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
+             cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                                       help="replay forward + backward as one CUDA graph (one GPU)"),
              max_steps: Optional[int] = typer.Option(None, help="stop after N optimiser steps (smoke test)")) -> None:
     """Pretrain the ReCon student on points + cached teacher targets (torchrun: DDP)."""
     from stages import pretrain as stage
 
     p = stage.params(dict(variant=variant, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
-                          lr=lr, device=device, compile=compile, max_steps=max_steps))
+                          lr=lr, device=device, compile=compile, cuda_graph=cuda_graph,
+                          max_steps=max_steps))
     _run(stage.run, p)
 
 

@@ -1,8 +1,9 @@
 """The ReCon pretraining loop: the student against cached teacher targets.
 
 One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per step,
-gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile,
-DDP under torchrun, an atomic checkpoint every epoch, exact resume, a non-finite-loss guard.
+gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
+CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
+epoch, exact resume, a non-finite-loss guard.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from recon import trainstate
+from recon.cudagraph import GraphedForwardBackward
 from recon.data import PretrainDataset, open_pretrain_stores
 from recon.distributed import Dist, setup, teardown
 from recon.model import ReConConfig, ReConPretrain
@@ -50,6 +52,7 @@ class PretrainParams:
     loader_workers: int = 0
     device: str = "auto"
     compile: bool = False
+    cuda_graph: bool = False       # replay forward + backward (compiled or not) as one CUDA graph, one GPU
     keep_last: int = 3
     max_steps: int | None = None   # stop early (smoke tests); the schedule still spans all epochs
 
@@ -74,6 +77,16 @@ def _accumulation(p: PretrainParams, world: int) -> tuple[int, int]:
     return micro, steps
 
 
+def check_cuda_graph(p: PretrainParams, d: Dist) -> None:
+    """Refuse, before any work, the settings a captured step cannot follow."""
+    if not p.cuda_graph:
+        return
+    if d.device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device; this run is on {d.device}")
+    if d.enabled:
+        raise ValueError("cuda_graph runs on one GPU; under torchrun/DDP leave it off")
+
+
 def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
           log=print) -> dict[str, Any]:
     """Pretrain; returns the final metrics. Checkpoints go to ``out/checkpoints``, per-epoch
@@ -86,6 +99,7 @@ def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
 
 
 def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory, log) -> dict[str, Any]:
+    check_cuda_graph(p, d)
     torch.manual_seed(p.seed + d.rank)
     use_image, use_text = "img" in p.targets, "text" in p.targets
     stores = open_pretrain_stores(cache, use_image, use_text)
@@ -119,7 +133,18 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} shapes is fewer than one batch of {p.batch_size}")
     total_steps, warmup_steps = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    on_cuda = d.device.type == "cuda"
+
+    def forward_terms(points, img, text, labels):
+        """(loss share of this micro-batch, detached [loss, *LOSS_TERMS]) for one micro-batch."""
+        # autocast's weight cache must be off while a CUDA graph captures
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not p.cuda_graph) if on_cuda else nullcontext():
+            outputs = net(points, img, text, labels=labels)
+        terms = torch.stack([outputs["loss" if k == "loss" else f"loss_{k}"].detach().float()
+                             for k in ("loss", *LOSS_TERMS)])
+        return outputs["loss"] / accum, terms
+
+    graphed = GraphedForwardBackward(forward_terms, model) if p.cuda_graph else None
 
     for epoch in range(start_epoch, p.epochs):
         dataset.set_epoch(epoch)
@@ -143,14 +168,15 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                 batch = next(batches)
                 t_data += time.perf_counter() - t
                 batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-                sync = micro_step == accum - 1 or not d.enabled
-                with (net.no_sync() if not sync else nullcontext()), autocast:
-                    outputs = net(batch["points"], batch.get("img"), batch.get("text"),
-                                  labels=batch["label"])
-                    loss = outputs["loss"] / accum
-                loss.backward()  # queued before the one host read below, which it then overlaps
-                terms = torch.stack([outputs["loss" if k == "loss" else f"loss_{k}"].detach().float()
-                                     for k in sums]).tolist()
+                inputs = (batch["points"], batch.get("img"), batch.get("text"), batch["label"])
+                if graphed is not None:
+                    terms = graphed(*inputs).tolist()
+                else:
+                    sync = micro_step == accum - 1 or not d.enabled
+                    with net.no_sync() if not sync else nullcontext():
+                        loss, terms = forward_terms(*inputs)
+                        loss.backward()  # queued before the one host read below, which it then overlaps
+                    terms = terms.tolist()
                 bad = not math.isfinite(terms[0])
                 if d.any(bad):  # every rank stops before an optimizer step can use the gradients
                     where = f"batch shape rows {batch['index'].tolist()}" if bad else "on another rank"
@@ -159,7 +185,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                     sums[k] += value * batch["points"].shape[0]
                 seen += batch["points"].shape[0]
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)  # a graph keeps its gradient buffers
             step += 1
             if bar is not None:
                 bar.update(**{k: sums[k] / seen for k in ("loss", "rec", "img", "text")})
@@ -188,11 +214,12 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     return {"history": history, "model": model, "stores": stores}
 
 
-RUNTIME_ONLY = ("device", "loader_workers", "compile", "keep_last", "max_steps")
+RUNTIME_ONLY = ("device", "loader_workers", "compile", "cuda_graph", "keep_last", "max_steps")
 
 
 #: the modules whose source decides what training computes (dvc.yaml lists them as deps too)
-TRAINING_CODE = ("recon.model", "recon.losses", "recon.pointops", "recon.data", "recon.optim", "recon.pretrain")
+TRAINING_CODE = ("recon.model", "recon.losses", "recon.pointops", "recon.data", "recon.optim", "recon.cudagraph",
+                 "recon.pretrain")
 
 
 def run_identity(p: PretrainParams, stores) -> dict:

@@ -1,7 +1,10 @@
-"""The same model on a CUDA device: reference vectors, point ops equal to the CPU's, and a bf16
-autocast training step that keeps the stop-gradient. Skipped where no GPU is present (CI);
-`bench/gpu_check.sh` runs this file on a lent GPU machine."""
+"""The same model on a CUDA device: reference vectors, point ops equal to the CPU's, a bf16
+autocast training step that keeps the stop-gradient, and forward + backward replayed as a CUDA
+graph (recon.cudagraph, `recon pretrain --cuda-graph [--compile]`) training as eager steps do.
+Skipped where no GPU is present (CI); `bench/gpu_check.sh` runs this file on a lent GPU machine."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from recon import pointops as po
 from recon.model import ReConClassifier, ReConPretrain
 from recon.checkpoint import reference_to_ours
+from recon.cudagraph import GraphedForwardBackward
 from recon.optim import adamw
 from test_gradients import is_patch_side, is_query_side, nonzero, small_cfg
 from test_model_reference import ATOL, load_vector, state_of, tiny_cfg
@@ -91,16 +95,112 @@ def test_bf16_training_step_keeps_the_stop_gradient():
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_whole_training_step_captures_as_one_cuda_graph():
-    """bench_pretrain --cuda-graph: the step (forward with its random mask, backward, capturable
-    fused AdamW) replays from one CUDA graph and still learns a fixed batch."""
-    from bench.bench_pretrain import GraphedStep
-    from recon.optim import param_groups
+def fixed_mask(model: ReConPretrain, batch: int) -> torch.Tensor:
+    """Make `model` mask the same groups every call (a capturable stand-in for its random mask)."""
+    G, M = model.cfg.num_group, model.cfg.num_mask
+    mask = torch.stack([torch.randperm(G)[:M] for _ in range(batch)])
+    mask = torch.zeros(batch, G, dtype=torch.bool).scatter_(1, mask, True).to(CUDA)
+    model.random_mask = lambda *args, **kwargs: mask
+    return mask
+
+
+def loss_fn(model: ReConPretrain, accum: int = 1, bf16: bool = False):
+    def forward(pts, img, txt):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            loss = model(pts, img, txt)["loss"] / accum
+        return loss, loss.detach()
+    return forward
+
+
+def batches(n: int, batch: int = 4) -> list[tuple[torch.Tensor, ...]]:
+    return [(torch.randn(batch, 128, 3, device=CUDA), torch.randn(batch, 24, device=CUDA),
+             torch.randn(batch, 20, device=CUDA)) for _ in range(n)]
+
+
+def test_graphed_forward_backward_equals_eager_with_accumulation():
+    """recon.cudagraph: each replay gives the eager loss, adds the eager gradients to fixed buffers
+    (2 micro-batches per step), leaves unreached parameters' grads None, and the fused AdamW steps
+    taken from them move weights and batch-norm statistics exactly as eager training does."""
+    torch.manual_seed(0)
+    eager = ReConPretrain(small_cfg()).to(CUDA).train()
+    twin = copy.deepcopy(eager)
+    mask = fixed_mask(eager, 4)
+    twin.random_mask = lambda *args, **kwargs: mask
+    opt_eager, opt_twin = adamw(eager, 0.05, 1e-3), adamw(twin, 0.05, 1e-3)
+    graphed = GraphedForwardBackward(loss_fn(twin, accum=2), twin)
+    data = batches(6)
+    for step in range(3):
+        for micro in range(2):
+            inputs = data[2 * step + micro]
+            loss, _ = loss_fn(eager, accum=2)(*inputs)
+            loss.backward()
+            torch.testing.assert_close(graphed(*inputs), loss.detach(), rtol=1e-5, atol=1e-7)
+        for (name, a), b in zip(eager.named_parameters(), twin.parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+        opt_eager.step()
+        opt_eager.zero_grad(set_to_none=True)
+        opt_twin.step()
+        opt_twin.zero_grad(set_to_none=False)
+    assert graphed.graph is not None
+    torch.testing.assert_close(twin.state_dict(), eager.state_dict(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="keep batches full"):
+        graphed(*batches(1, batch=3)[0])
+
+
+def test_graph_replays_draw_the_random_masks_eager_draws():
+    """Capture consumes no random numbers: from the same CUDA seed, replays see the masks (and
+    losses) of eager steps, and each step draws a new mask."""
     torch.manual_seed(0)
     model = ReConPretrain(small_cfg()).to(CUDA).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05, 1e-3), lr=1e-3, fused=True, capturable=True)
-    step = GraphedStep(model, optimizer, bf16=True)
-    pts, img, txt = torch.randn(8, 128, 3, device=CUDA), torch.randn(8, 24, device=CUDA), torch.randn(8, 20, device=CUDA)
-    losses = [step(pts, img, txt).item() for _ in range(30)]
-    assert step.graph is not None and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-5:]) < sum(losses[:5])
+    inputs = batches(1)[0]
+    torch.cuda.manual_seed(1)
+    eager = [loss_fn(model)(*inputs)[0].item() for _ in range(3)]
+    torch.cuda.manual_seed(1)
+    graphed = GraphedForwardBackward(loss_fn(model), model)
+    replayed = [graphed(*inputs).item() for _ in range(3)]
+    assert len(set(eager)) == 3
+    torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), rtol=1e-5, atol=1e-7)
+
+
+def test_pretrain_with_cuda_graph_follows_eager_training_and_resumes(tmp_path):
+    """`recon pretrain --cuda-graph` (bf16, gradient accumulation): same losses as the eager trainer,
+    and a run killed after 3 steps resumes to the same end."""
+    pytest.importorskip("polars")
+    pytest.importorskip("zarr")
+    from conftest import write_synthetic_cache
+    from recon.pretrain import train
+    from test_pretrain import tiny_params
+
+    cache = write_synthetic_cache(tmp_path / "cache")
+    quiet = dict(log=lambda *_: None)
+    eager = train(tiny_params(device="cuda", micro_batch=2), cache, tmp_path / "eager", **quiet)
+    graphed = train(tiny_params(device="cuda", micro_batch=2, cuda_graph=True), cache, tmp_path / "graph", **quiet)
+    train(tiny_params(device="cuda", micro_batch=2, cuda_graph=True, max_steps=3), cache, tmp_path / "resumed", **quiet)
+    resumed = train(tiny_params(device="cuda", micro_batch=2, cuda_graph=True), cache, tmp_path / "resumed", **quiet)
+    for run in (graphed, resumed):
+        assert [r["step"] for r in run["history"]] == [r["step"] for r in eager["history"]] == [3, 6]
+        for key in ("loss", "loss_rec", "loss_img", "loss_text"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in run["history"]]),
+                                       torch.tensor([r[key] for r in eager["history"]]), rtol=2e-2, atol=1e-4)
+    print("eager", [round(r["loss"], 5) for r in eager["history"]],
+          "graphed", [round(r["loss"], 5) for r in graphed["history"]],
+          "resumed", [round(r["loss"], 5) for r in resumed["history"]])
+
+
+def test_pretrain_with_cuda_graph_of_the_compiled_student(tmp_path):
+    """`--cuda-graph --compile`: the torch.compiled student's forward + backward replayed as one
+    graph trains to the eager trainer's losses (bf16; compiled kernels round differently)."""
+    pytest.importorskip("polars")
+    pytest.importorskip("zarr")
+    from conftest import write_synthetic_cache
+    from recon.pretrain import train
+    from test_pretrain import tiny_params
+
+    cache = write_synthetic_cache(tmp_path / "cache")
+    eager = train(tiny_params(device="cuda", epochs=1), cache, tmp_path / "eager", log=lambda *_: None)
+    both = train(tiny_params(device="cuda", epochs=1, cuda_graph=True, compile=True), cache, tmp_path / "both",
+                 log=lambda *_: None)
+    assert both["history"][0]["step"] == eager["history"][0]["step"] == 3
+    torch.testing.assert_close(both["history"][0]["loss"], eager["history"][0]["loss"], rtol=5e-2, atol=1e-3)

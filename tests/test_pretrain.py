@@ -132,6 +132,18 @@ def test_changed_training_code_retrains_instead_of_resuming(cache, tmp_path, mon
     assert a != b and a == trainstate.code_fingerprint("recon.model")
 
 
+def test_cuda_graph_settings_it_cannot_follow_are_refused_before_work():
+    from recon.distributed import Dist
+    from recon.pretrain import check_cuda_graph
+    check_cuda_graph(tiny_params(), Dist())  # off: nothing to check
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        check_cuda_graph(tiny_params(cuda_graph=True), Dist())
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="one GPU"):
+        check_cuda_graph(tiny_params(cuda_graph=True), Dist(rank=0, world=2, device=cuda))
+    check_cuda_graph(tiny_params(cuda_graph=True), Dist(device=cuda))
+
+
 def test_non_finite_loss_stops_with_step_and_rows(cache, tmp_path):
     import zarr
     image = zarr.open_array(cache / "teachers" / "image.zarr" / "features", mode="r+")
