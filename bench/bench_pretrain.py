@@ -35,9 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline.augment import augment_view  # noqa: E402
 from pipeline.prompts import templates  # noqa: E402
 from pipeline.teachers import load_teacher  # noqa: E402
+from recon.cudagraph import GraphedForwardBackward  # noqa: E402
 from recon.distributed import pick_device  # noqa: E402
 from recon.model import ReConConfig, ReConPretrain  # noqa: E402
-from recon.optim import adamw, param_groups  # noqa: E402
+from recon.optim import adamw  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -54,50 +55,28 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-class GraphedStep:
-    """One whole training step (forward, backward, AdamW) captured as a CUDA graph on its first
-    call and replayed afterwards: the eager student's thousands of small kernel launches become one
-    replay. Inputs are copied into static buffers; the optimiser must be capturable. An experiment
-    for the GPU check, not (yet) a trainer option: see bench/README.md."""
+def graphed_student(model, bf16: bool, compile_mode: str | None = None) -> GraphedForwardBackward:
+    """The student's forward + backward (torch.compiled first, if asked) replayed as one CUDA
+    graph, as `recon pretrain --cuda-graph [--compile]` does."""
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
 
-    def __init__(self, model, optimizer, bf16: bool, warmup: int = 3) -> None:
-        self.model, self.optimizer, self.bf16, self.warmup = model, optimizer, bf16, warmup
-        self.graph, self.static, self.loss = None, None, None
-
-    def _forward_backward_step(self) -> torch.Tensor:
-        # autocast's weight cache must be off under capture
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            loss = self.model(*self.static)["loss"]
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def __call__(self, points, img, txt) -> torch.Tensor:
-        if self.graph is None:
-            self.static = [points.clone(), img.clone(), txt.clone()]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture stream, as the CUDA-graph docs ask
-                for _ in range(self.warmup):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._forward_backward_step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss = self._forward_backward_step()
-        for buffer, value in zip(self.static, (points, img, txt)):
-            buffer.copy_(value)
-        self.graph.replay()
-        return self.loss
+    def forward_loss(points, img, txt):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            loss = net(points, img, txt)["loss"]
+        return loss, loss.detach()
+    return GraphedForwardBackward(forward_loss, model)
 
 
 def student_step(model, optimizer, points, img, txt, device, bf16) -> dict[str, float]:
-    """Time one step; with a GraphedStep the whole step is under "forward" (backward 0)."""
-    if isinstance(model, GraphedStep):
+    """Time one step. A graphed student's replay (forward + backward) counts as "forward" and
+    the eager optimizer step as "backward"."""
+    if isinstance(model, GraphedForwardBackward):
         t0 = now(device)
         model(points, img, txt)
-        return {"forward": now(device) - t0, "backward": 0.0}
+        t1 = now(device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # the graph keeps its gradient buffers
+        return {"forward": t1 - t0, "backward": now(device) - t1}
     t0 = now(device)
     with autocast(device, bf16):
         out = model(points, img, txt)
@@ -159,13 +138,12 @@ def bench(args) -> dict:
         teacher.precision = "bf16" if args.bf16 else "fp32"
     cfg = ReConConfig.variant(args.variant, img_feat_dim=image_teacher.dim, text_feat_dim=text_teacher.dim)
     model = ReConPretrain(cfg).to(device)
+    optimizer = adamw(model, 0.05, 1e-4)  # as the trainer builds it
     if args.cuda_graph:
-        if device.type != "cuda" or args.compile:
-            raise SystemExit("--cuda-graph needs --device cuda and no --compile")
-        optimizer = torch.optim.AdamW(param_groups(model, 0.05, 1e-4), lr=1e-4, fused=True, capturable=True)
-        student = GraphedStep(model, optimizer, args.bf16)
+        if device.type != "cuda" or args.compile == "reduce-overhead":
+            raise SystemExit("--cuda-graph needs --device cuda (and --compile default at most: it makes its own graph)")
+        student = graphed_student(model, args.bf16, args.compile)
     else:
-        optimizer = adamw(model, 0.05, 1e-4)  # as the trainer builds it
         student = torch.compile(model, mode=args.compile) if args.compile else model
     rng = np.random.default_rng(0)
     pool = args.steps + args.warmup                    # distinct batches of inputs, reused across rounds
@@ -273,7 +251,7 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="torch.compile the student (both paths), mode default | reduce-overhead (CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="capture the student's whole training step as one CUDA graph (both paths)")
+                        help="replay the student's forward + backward as one CUDA graph (both paths)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed ones")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternating blocks of --steps cached and --steps online steps (3+ on a GPU)")
@@ -284,7 +262,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {name}, {'bf16' if args.bf16 else 'fp32'}, variant {args.variant}, "
           f"batch {args.batch}, {args.rounds} x {args.steps} timed steps per path, teachers {args.image_teacher} + {args.text_teacher}, "
           f"{args.workers} augmentation workers{f', student compiled ({args.compile})' if args.compile else ''}"
-          f"{', student step as one CUDA graph' if args.cuda_graph else ''}")
+          f"{', student forward + backward as one CUDA graph' if args.cuda_graph else ''}")
     result = {"throughput": bench(args)}
     for mode in ("cached", "online"):
         r = result["throughput"][mode]
