@@ -6,7 +6,8 @@ terms after each replay and runs the (fused, eager) optimizer step itself, so th
 guard still stops *before* an optimizer step can use bad gradients, and the learning-rate
 schedule, checkpoints and resume need nothing special.
 
-Contract: inputs keep their shapes (drop the last partial batch), no DDP, no ``torch.compile``.
+Contract: inputs keep their shapes (drop the last partial batch) and no DDP. ``fn`` may call a
+``torch.compile``d model (default mode; not ``reduce-overhead``, which makes graphs of its own).
 Gradients live in fixed buffers that each replay *adds* to (so gradient accumulation works):
 zero them with ``optimizer.zero_grad(set_to_none=False)``, never set them to ``None``.
 """
