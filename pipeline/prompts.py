@@ -1,7 +1,8 @@
 """Text-teacher prompt templates: 20 prefixes x 3 suffixes = 60 per category (SPEC, teacher targets).
 
 A prompt is ``prefix + name + suffix``, where ``name`` is the category name or, when a descriptions
-file gives one, that category's own text. Templates are ordered prefix-major:
+file gives one, that category's own text (keyed by category name or by ShapeNet synset id, as the
+reference's description records are). Templates are ordered prefix-major:
 ``templates()[p * len(SUFFIXES) + s] == PREFIXES[p] + "{}" + SUFFIXES[s]``.
 """
 
@@ -32,6 +33,28 @@ def prompts_for(category: str, descriptions: Mapping[str, str] | None = None) ->
     """The 60 prompts for a category; its description (if given) replaces the bare name."""
     name = descriptions.get(category, category) if descriptions else category
     return [t.format(name) for t in templates()]
+
+
+def category_texts(categories: list[str], synsets: list[str], descriptions: Mapping[str, str],
+                   source: str = "descriptions") -> list[str]:
+    """The text of each category: its description looked up by name, then by synset id, else the
+    name itself. A non-empty ``descriptions`` that matches no category at all is an error (a
+    file for another dataset, or keys in another form, would otherwise be silently ignored)."""
+    if len(categories) != len(synsets):
+        raise ValueError("one synset id per category is needed (use '' when there is none)")
+    texts, matched = [], set()
+    for name, synset in zip(categories, synsets):
+        key = name if name in descriptions else synset if synset and synset in descriptions else None
+        texts.append(descriptions[key] if key is not None else name)
+        if key is not None:
+            matched.add(key)
+    if descriptions and not matched:
+        keys = sorted(descriptions)
+        raise ValueError(f"{source}: none of its {len(keys)} keys ({', '.join(keys[:5])}"
+                         f"{' ...' if len(keys) > 5 else ''}) names a category or synset id of this dataset "
+                         f"(categories {', '.join(categories[:5])}{' ...' if len(categories) > 5 else ''}; "
+                         f"synsets {', '.join(s for s in synsets[:5] if s) or 'none'})")
+    return texts
 
 
 def _records_to_mapping(records: list[Any]) -> dict[str, str]:

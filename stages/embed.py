@@ -36,7 +36,7 @@ class EmbedParams:
     device: str = "auto"
     precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     chunk_rows: int = 16
-    descriptions: str | None = None    # JSON/YAML: category -> text used in place of its name
+    descriptions: str | None = None    # JSON/YAML: category name or synset id -> text used in place of the name
     limit: int | None = None
 
 
@@ -146,12 +146,13 @@ def _limit_blocks(blocks: list[np.ndarray], limit: int) -> list[np.ndarray]:
     return kept
 
 
-def embed_texts(p: EmbedParams, device: torch.device, categories: list[str], out: Path) -> None:
-    from pipeline.prompts import load_descriptions, templates
+def embed_texts(p: EmbedParams, device: torch.device, categories: list[str], out: Path,
+                synsets: list[str] | None = None) -> None:
+    from pipeline.prompts import category_texts, load_descriptions, templates
     from pipeline.teachers import load_teacher
 
     descriptions = load_descriptions(p.descriptions) if p.descriptions else {}
-    names = [descriptions.get(c, c) for c in categories]
+    names = category_texts(categories, synsets or [""] * len(categories), descriptions, str(p.descriptions))
     tmpl = templates()
     teacher = load_teacher(p.text_teacher, "text", p.text_weights, device=str(device))
     teacher.precision = p.precision
@@ -184,7 +185,13 @@ def run(p: EmbedParams, shapes: Path | None = None, renders: Path | None = None,
         out_dir.mkdir(parents=True, exist_ok=True)
         renders = renders or cache_dir() / "renders.zarr"
         if d.is_main:
-            embed_texts(p, d.device, sorted(table["category"].unique().to_list()), out_dir / "text.zarr")
+            pairs = table.select("category", "synset").unique().sort("category")
+            categories = pairs["category"].to_list()
+            if len(set(categories)) != len(categories):
+                raise ValueError(f"categories with several synset ids in {shapes or 'shapes.parquet'}: "
+                                 f"{sorted({c for c in categories if categories.count(c) > 1})[:5]}")
+            embed_texts(p, d.device, categories, out_dir / "text.zarr",
+                        [str(s or "") for s in pairs["synset"].to_list()])
         embed_images(p, d, renders, out_dir / "image.zarr", table["id"].to_list())
         return out_dir
     finally:

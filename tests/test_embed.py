@@ -177,3 +177,19 @@ def test_bf16_precision_is_close_and_recorded(cache, tmp_path):
     assert not np.array_equal(bf16[ok], fp32[ok])
     cosine = (bf16[ok] * fp32[ok]).sum(-1) / (np.linalg.norm(bf16[ok], axis=-1) * np.linalg.norm(fp32[ok], axis=-1))
     assert cosine.min() > 0.99
+
+
+def test_descriptions_by_synset_id_reach_the_text_store(cache, tmp_path):
+    shapes = pl.read_parquet(cache / "shapes.parquet")
+    synset = {"ball": "02880940", "box": "02933112", "can": "02946921"}
+    shapes.with_columns(pl.col("category").replace(synset).alias("synset")).write_parquet(cache / "shapes.parquet")
+    unmatched = tmp_path / "other.json"
+    unmatched.write_text(json.dumps([{"catalogue": 2691156, "describe": "an aircraft"}]))
+    with pytest.raises(ValueError, match="names a category or synset id"):
+        _embed(cache, descriptions=str(unmatched))
+    records = tmp_path / "described.json"          # reference-style records keyed by integer synset id
+    records.write_text(json.dumps([{"catalogue": 2933112, "describe": "a cupboard with doors"}]))
+    _embed(cache, descriptions=str(records))
+    text = open_store(cache / "teachers" / "text.zarr")
+    assert list(text["texts"][:]) == ["ball", "a cupboard with doors", "can"]
+    assert text.params["texts"] == ["ball", "a cupboard with doors", "can"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prompts import PREFIXES, SUFFIXES, load_descriptions, prompts_for, templates
+from pipeline.prompts import PREFIXES, SUFFIXES, category_texts, load_descriptions, prompts_for, templates
 
 
 def test_templates_count_and_order() -> None:
@@ -40,3 +40,19 @@ def test_load_descriptions_json_yaml_records(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"chair": ""}))
     with pytest.raises(ValueError):
         load_descriptions(bad)
+
+
+def test_descriptions_are_found_by_name_or_synset_id(tmp_path: Path) -> None:
+    records = tmp_path / "reference.json"      # the reference's form: keyed by integer synset id
+    records.write_text(json.dumps([{"catalogue": 2691156, "describe": "an aircraft with wings"},
+                                   {"catalogue": 3001627, "describe": "a seat with a back"}]))
+    described = load_descriptions(records)
+    categories, synsets = ["airplane", "chair", "table"], ["02691156", "03001627", "04379243"]
+    assert category_texts(categories, synsets, described) == ["an aircraft with wings", "a seat with a back", "table"]
+    by_name = {"table": "a flat top on legs", "02691156": "a plane"}   # a name wins over nothing, ids still work
+    assert category_texts(categories, synsets, by_name) == ["a plane", "chair", "a flat top on legs"]
+    assert category_texts(["chair"], [""], {}) == ["chair"]          # no file: the names
+    with pytest.raises(ValueError, match="none of its 2 keys .*02691156.*names a category"):
+        category_texts(["ball", "box"], ["", ""], described)          # matches nothing: an error, not ignored
+    with pytest.raises(ValueError, match="one synset id per category"):
+        category_texts(["ball", "box"], [""], {})
