@@ -61,6 +61,14 @@ def pretrain_from_init(init: InitSource) -> ReConPretrain:
     return model.eval()
 
 
+def random_init_like(model: ReConPretrain, seed: int = 0) -> ReConPretrain:
+    """The same architecture and configuration at random init, seeded (the global RNG is left as it
+    was): the baseline a pretrained encoder has to beat."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return type(model)(model.cfg).eval()
+
+
 @torch.no_grad()
 def batched(fn, clouds: np.ndarray, batch: int, device: torch.device | str) -> list[np.ndarray]:
     """Apply ``fn`` (returning a tensor or a tuple of tensors) batch-wise; concatenated numpy outputs."""

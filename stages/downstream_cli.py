@@ -87,16 +87,27 @@ def evaluate(tasks: Optional[str] = typer.Option(None, help="comma list of svm, 
              ratio: Optional[float] = typer.Option(None, help="r for the CLIP zero-shot feature [params: evaluate.ratio]"),
              fewshot_folds: Optional[int] = typer.Option(None, help="[params: evaluate.fewshot_folds]"),
              fewshot_dir: Optional[Path] = typer.Option(None, help="converted Point-BERT folds [params: evaluate.fewshot_dir]"),
+             baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline", help="also evaluate the checkpoint's network at random init, side by side [params: evaluate.baseline]"),
+             out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json [params: evaluate.out; default cache/evaluate, the pipeline's own]"),
              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [params: evaluate.device]")) -> None:
     """Linear SVM, zero-shot and few-shot evaluation of the pretrained encoder."""
     from stages import evaluate as stage
+    from stages.common import StageError
 
     p = stage.params(dict(tasks=_words(tasks), checkpoint=checkpoint, store=str(store) if store else None,
                           n_points=n_points, text_store=str(text_store) if text_store else None,
                           image_store=str(image_store) if image_store else None, ratio=ratio,
                           fewshot_folds=fewshot_folds, fewshot_dir=str(fewshot_dir) if fewshot_dir else None,
-                          device=device))
-    _run(stage.run, p)
+                          baseline=baseline, out=str(out) if out else None, device=device))
+
+    def run_by_hand(p: stage.EvaluateParams) -> dict:
+        pipeline = stage.params()
+        if p.out == pipeline.out and (p.checkpoint, p.store) != (pipeline.checkpoint, pipeline.store):
+            raise StageError(f"evaluating {p.checkpoint} on {p.store} would overwrite the pipeline's own "
+                             f"metrics (a DVC output): give --out FOLDER")
+        return stage.run(p)
+
+    _run(run_by_hand, p)
 
 
 def export(checkpoint: Optional[Path] = typer.Option(None, help="fine-tuned model.pt [params: export.checkpoint]"),

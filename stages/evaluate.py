@@ -1,9 +1,10 @@
 """Stage `evaluate`: downstream evaluations of the pretrained encoder.
 
 Tasks: ``svm`` (linear SVM on frozen features), ``zeroshot`` (text-teacher prototypes, test split
-only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). Outputs
-(``cache/evaluate/``): ``metrics.json`` (one section per task) and, for zero-shot,
-``zeroshot/confusion.csv`` + ``confusion.png``.
+only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). With ``baseline`` the same
+tasks also run on the checkpoint's network at random init (seeded), reported beside it under
+``random_init``. Outputs (``out``, by default ``cache/evaluate/``, the pipeline's own DVC output):
+``metrics.json`` (one section per task) and, for zero-shot, ``zeroshot/confusion.csv`` + ``confusion.png``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from recon.evaluate import (
     fewshot_eval,
     fewshot_from_folds,
     load_pretrained,
+    random_init_like,
     svm_eval,
     zeroshot_eval,
 )
 from recon.finetune import (
     FinetuneParams,
+    InitSource,
     load_classification,
     load_init,
     write_confusion,
@@ -53,6 +56,8 @@ class EvaluateParams:
     fewshot_finetune: dict = field(default_factory=dict)   # FinetuneParams overrides (profile: fewshot)
     batch: int = 64
     seed: int = 0
+    baseline: bool = False                        # also evaluate the same network at random init (seed)
+    out: str | None = None                        # folder of metrics.json; None = <cache>/evaluate
     device: str = "auto"
 
 
@@ -61,7 +66,7 @@ def params(overrides: dict | None = None) -> EvaluateParams:
 
 
 def run(p: EvaluateParams, out: Path | None = None) -> dict:
-    out = out or cache_dir() / "evaluate"
+    out = out or (Path(p.out) if p.out else cache_dir() / "evaluate")
     unknown = sorted(set(p.tasks) - set(TASKS))
     if unknown:
         raise StageError(f"unknown evaluate task(s) {unknown}; choose from {TASKS}")
@@ -71,29 +76,43 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
     needs_test = {"svm", "zeroshot"} & set(p.tasks) or ("fewshot" in p.tasks and not p.fewshot_dir)
     train = load_classification(p.store, "train") if needs_test else None
     test = load_classification(p.store, "test") if needs_test else None
-    model = load_pretrained(p.checkpoint).to(device) if {"svm", "zeroshot"} & set(p.tasks) else None
+    needs_model = {"svm", "zeroshot"} & set(p.tasks) or p.baseline
+    model = load_pretrained(p.checkpoint).to(device) if needs_model else None
+    # (name, network) pairs evaluated side by side: the checkpoint, then its architecture at random init
+    nets = [("pretrained", model)] + ([("random_init", random_init_like(model, p.seed).to(device))] if p.baseline else [])
+    sections = {name: metrics if name == "pretrained" else metrics.setdefault(name, {"seed": p.seed}) for name, _ in nets}
     if "svm" in p.tasks:
-        metrics["svm"] = svm_eval(model, train, test, p.n_points, p.normalize, p.svm_c, p.batch, device, p.seed)
-        svm = metrics["svm"]
-        console.print(f"svm: train {svm['train_acc']:.2f}%, test {svm['test_acc']:.2f}% (raw features, as the "
-                      f"reference); standardised: train {svm['train_acc_standardized']:.2f}%, "
-                      f"test {svm['test_acc_standardized']:.2f}%")
+        for name, net in nets:
+            svm = sections[name]["svm"] = svm_eval(net, train, test, p.n_points, p.normalize, p.svm_c, p.batch,
+                                                   device, p.seed)
+            console.print(f"svm ({name}): train {svm['train_acc']:.2f}%, test {svm['test_acc']:.2f}% (raw features, "
+                          f"as the reference); standardised: train {svm['train_acc_standardized']:.2f}%, "
+                          f"test {svm['test_acc_standardized']:.2f}%")
     if "zeroshot" in p.tasks:
         image_store = p.image_store if p.image_store and Path(p.image_store).exists() else None
-        zs = zeroshot_eval(model, test, p.text_store, image_store, p.ratio, p.n_points, p.normalize, p.batch, device)
-        write_confusion(out / "zeroshot", zs.pop("_pred"), test.labels, test.class_names,
-                        f"zero-shot top-1 {zs['top1_acc']:.2f}%")
-        metrics["zeroshot"] = zs
-        console.print(f"zeroshot ({zs['shape_feature']}): top-1 {zs['top1_acc']:.2f}%, top-5 {zs['top5_acc']:.2f}%")
+        for name, net in nets:
+            zs = zeroshot_eval(net, test, p.text_store, image_store, p.ratio, p.n_points, p.normalize, p.batch, device)
+            pred = zs.pop("_pred")
+            if name == "pretrained":
+                write_confusion(out / "zeroshot", pred, test.labels, test.class_names,
+                                f"zero-shot top-1 {zs['top1_acc']:.2f}%")
+            sections[name]["zeroshot"] = zs
+            console.print(f"zeroshot ({name}, {zs['shape_feature']}): top-1 {zs['top1_acc']:.2f}%, "
+                          f"top-5 {zs['top5_acc']:.2f}%")
     if "fewshot" in p.tasks:
         ft = FinetuneParams(**{"profile": "fewshot", "votes": 0, "init": p.checkpoint, "device": p.device,
                                **p.fewshot_finetune})
-        init = load_init(ft.init)
-        if p.fewshot_dir:
-            metrics["fewshot"] = fewshot_from_folds(p.fewshot_dir, ft, init, p.seed, console.print)
-        else:
-            settings = FewshotSettings(p.fewshot_ways, p.fewshot_shots, p.fewshot_folds, p.fewshot_query, p.seed)
-            metrics["fewshot"] = fewshot_eval(train, test, settings, ft, init, console.print)
+        inits = [("pretrained", load_init(ft.init))]
+        if p.baseline:
+            baseline = nets[1][1]
+            inits.append(("random_init", InitSource(baseline.state_dict(), trainstate.jsonable(baseline.cfg),
+                                                    f"random init (seed {p.seed}) of {p.checkpoint}")))
+        for name, init in inits:
+            if p.fewshot_dir:
+                sections[name]["fewshot"] = fewshot_from_folds(p.fewshot_dir, ft, init, p.seed, console.print)
+            else:
+                settings = FewshotSettings(p.fewshot_ways, p.fewshot_shots, p.fewshot_folds, p.fewshot_query, p.seed)
+                sections[name]["fewshot"] = fewshot_eval(train, test, settings, ft, init, console.print)
     out.mkdir(parents=True, exist_ok=True)
     trainstate.write_json(out / "metrics.json", metrics)
     console.print(f"[green]evaluate: done → {out / 'metrics.json'}[/]")
