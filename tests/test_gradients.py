@@ -91,3 +91,17 @@ def test_stop_grad_leaves_forward_unchanged():
         model.cfg = model.cfg.replace(stop_grad=False)
         b = model(pts, torch.randn(2, 24), torch.randn(2, 20), mask=mask)
     assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["loss_rec"], b["loss_rec"])
+
+
+def test_detach_changes_only_what_reaches_the_patch_side(global_grads_stop):
+    """The detach is on the keys/values the queries read, nothing else: with and without it the
+    query-side gradients of the distillation losses are the same numbers, while the patch side gets
+    exactly zero with it and a non-zero gradient without it."""
+    free = grads_after(("loss_img", "loss_text"), stop_grad=False)
+    for name, grad in global_grads_stop.items():
+        if is_query_side(name) or name.startswith("encoder.norm."):
+            torch.testing.assert_close(grad, free[name], rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            assert grad is None or torch.count_nonzero(grad) == 0, name
+    reached = [n for n in free if is_patch_side(n) and nonzero(free[n])]
+    assert "encoder.patch_embed.conv1.weight" in reached and len(reached) > 20
