@@ -100,12 +100,27 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
                           excluded=int(len(ids) - ok.sum()), fingerprint=fingerprint)
 
 
+IMAGE_VARIANTS = ("augmented", "all")
+
+
+def variant_choices(variants: int, image_variants: str = "augmented") -> range:
+    """The stored variants a training step may draw: with A > 1, the augmented ones 1..A-1 (the
+    reference re-augments every step; the clean variant 0 is one more view of the same image),
+    or all of them with ``image_variants='all'``; with A = 1, the clean view."""
+    if image_variants not in IMAGE_VARIANTS:
+        raise ValueError(f"unknown image_variants {image_variants!r}; choose from {IMAGE_VARIANTS}")
+    return range(1, variants) if variants > 1 and image_variants == "augmented" else range(variants)
+
+
 class PretrainDataset(Dataset):
     """Items: a random ``n_points`` subset, re-normalised and rotated about Y, with one random
-    (view, variant) image target and one random prompt-template text target."""
+    (view, variant) image target (variants from :func:`variant_choices`) and one random
+    prompt-template text target."""
 
-    def __init__(self, stores: PretrainStores, n_points: int = 1024, rotate: bool = True, seed: int = 0):
+    def __init__(self, stores: PretrainStores, n_points: int = 1024, rotate: bool = True, seed: int = 0,
+                 image_variants: str = "augmented"):
         self.s, self.n_points, self.rotate, self.seed = stores, n_points, rotate, seed
+        self.variants = variant_choices(stores.image.shape[2], image_variants) if stores.image is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -126,8 +141,9 @@ class PretrainDataset(Dataset):
                 "label": torch.tensor(int(self.s.category_index[row])),
                 "index": torch.tensor(row)}
         if self.s.image is not None:
-            views, variants = self.s.image.shape[1:3]
-            item["img"] = torch.from_numpy(self.s.image[row, rng.integers(views), rng.integers(variants)].astype(np.float32))
+            view = rng.integers(self.s.image.shape[1])
+            variant = self.variants[rng.integers(len(self.variants))]
+            item["img"] = torch.from_numpy(self.s.image[row, view, variant].astype(np.float32))
         if self.s.text is not None:
             templates = self.s.text.shape[1]
             item["text"] = torch.from_numpy(self.s.text[self.s.category_index[row], rng.integers(templates)].astype(np.float32))

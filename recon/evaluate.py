@@ -32,6 +32,7 @@ from recon.finetune import (
     load_init,
 )
 from recon.model import ReConConfig, ReConPretrain
+from recon.targets import TargetStats
 
 SVM_C = 0.075
 
@@ -58,6 +59,7 @@ def pretrain_from_init(init: InitSource) -> ReConPretrain:
     if missing or unexpected:
         raise ValueError(f"{init.source} is not a ReCon pretraining checkpoint: missing {missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
+    model.target_stats = TargetStats.from_state(init.target_stats)
     return model.eval()
 
 
@@ -66,7 +68,9 @@ def random_init_like(model: ReConPretrain, seed: int = 0) -> ReConPretrain:
     was): the baseline a pretrained encoder has to beat."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return type(model)(model.cfg).eval()
+        baseline = type(model)(model.cfg).eval()
+    baseline.target_stats = model.target_stats    # the same map back into teacher space (zero-shot)
+    return baseline
 
 
 @torch.no_grad()

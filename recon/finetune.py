@@ -277,6 +277,7 @@ class InitSource:
     state: dict[str, torch.Tensor]
     config: dict | None
     source: str
+    target_stats: dict | None = None   # recon.targets.TargetStats.state() of a run with standardised targets
 
 
 def load_init(path: str | None) -> InitSource | None:
@@ -294,7 +295,7 @@ def load_init(path: str | None) -> InitSource | None:
         return InitSource(ours, config_from_state_dict(ours), f"reference:{path}")
     if isinstance(ckpt, dict) and "model" in ckpt:
         ours = strip_prefix(ckpt["model"])
-        return InitSource(ours, ckpt.get("config") or config_from_state_dict(ours), str(path))
+        return InitSource(ours, ckpt.get("config") or config_from_state_dict(ours), str(path), ckpt.get("target_stats"))
     sd = strip_prefix(ckpt)
     if any(k.startswith("encoder.") for k in sd):
         return InitSource(sd, config_from_state_dict(sd), str(path))

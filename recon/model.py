@@ -371,7 +371,13 @@ class ReConDecoder(nn.Module):
 
 
 class ReConPretrain(nn.Module):
-    """Pretraining student: encoder, MAE decoder + rebuild head, img/text projections."""
+    """Pretraining student: encoder, MAE decoder + rebuild head, img/text projections.
+
+    ``target_stats`` (a :class:`recon.targets.TargetStats`, not part of the state dict, saved beside
+    it in checkpoints) is set when the projections were trained against standardised targets;
+    :meth:`zero_shot_features` then maps them back into the teachers' spaces."""
+
+    target_stats = None
 
     def __init__(self, cfg: ReConConfig) -> None:
         super().__init__()
@@ -489,9 +495,14 @@ class ReConPretrain(nn.Module):
         return svm_input(self.encode(points))
 
     def zero_shot_features(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """(img_proj(IMG), text_proj(TXT)) with every group visible, each [B,D]."""
+        """(img_proj(IMG), text_proj(TXT)) with every group visible, each [B,D], in the teachers'
+        spaces (de-normalised when the targets were standardised)."""
         tokens = self.encode(points)
-        return self.img_proj(tokens[:, 1]), self.text_proj(tokens[:, 2])
+        img, txt = self.img_proj(tokens[:, 1]), self.text_proj(tokens[:, 2])
+        if self.target_stats is not None:
+            img = self.target_stats.denormalize("img", img) if self.target_stats.img_mean is not None else img
+            txt = self.target_stats.denormalize("text", txt) if self.target_stats.text_mean is not None else txt
+        return img, txt
 
 
 # ----------------------------------------------------------------------------- fine-tuning

@@ -3,11 +3,15 @@
 One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per step,
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
-epoch, exact resume, a non-finite-loss guard.
+epoch, exact resume, a non-finite-loss guard. Targets can be standardised with train-split
+statistics (``target_norm: store``, recon/targets.py); every epoch, recon/monitor.py measures the
+losses on fixed train and test shapes against their mean-target baselines and probes the features
+against the same network at random init (history.csv).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import nullcontext
@@ -22,10 +26,12 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from recon import trainstate
 from recon.cudagraph import GraphedForwardBackward
-from recon.data import PretrainDataset, open_pretrain_stores
+from recon.data import PretrainDataset, open_pretrain_stores, variant_choices
 from recon.distributed import Dist, setup, teardown
 from recon.model import ReConConfig, ReConPretrain
+from recon.monitor import PretrainMonitor
 from recon.optim import adamw, lr_at, set_lr
+from recon.targets import TARGET_NORMS, TargetStats, compute_target_stats
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
 
@@ -48,6 +54,10 @@ class PretrainParams:
     targets: list[str] = field(default_factory=lambda: ["rec", "img", "text"])
     global_loss: str = "smooth_l1"
     stop_grad: bool = True
+    split: str = "all"             # shapes to pretrain on: all (the reference: ShapeNet train + test) | train
+    target_norm: str = "none"      # none (the reference: raw teacher features) | store (train-split mean/std)
+    image_variants: str = "augmented"  # with A > 1 stored variants: augmented (1..A-1) | all (0 = clean too)
+    monitor_shapes: int = 512      # per split, for the per-epoch losses/baselines/probe; 0 = no monitor
     seed: int = 0
     loader_workers: int = 0
     device: str = "auto"
@@ -100,6 +110,10 @@ def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
 
 def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory, log) -> dict[str, Any]:
     check_cuda_graph(p, d)
+    if p.split not in ("all", "train"):
+        raise ValueError(f"unknown split {p.split!r}; choose from all, train")
+    if p.target_norm not in TARGET_NORMS:
+        raise ValueError(f"unknown target_norm {p.target_norm!r}; choose from {TARGET_NORMS}")
     torch.manual_seed(p.seed + d.rank)
     use_image, use_text = "img" in p.targets, "text" in p.targets
     stores = open_pretrain_stores(cache, use_image, use_text)
@@ -107,13 +121,30 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         raise ValueError("no usable shapes: every shape failed an earlier stage")
     if stores.excluded and d.is_main:
         log(f"pretrain: {stores.excluded} shapes excluded (failed in an earlier stage)")
-    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed)
+    split = stores.shapes["split"].to_numpy()[stores.rows]
+    train_rows, test_rows = stores.rows[split == "train"], stores.rows[split == "test"]
+    if p.split == "train":  # the test split stays held out: the monitor's test figures are honest
+        if len(train_rows) == 0:
+            raise ValueError("split: train, but no usable shape is in the train split")
+        stores = dataclasses.replace(stores, rows=train_rows)
+    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed, p.image_variants)
+    variants = dataset.variants or range(0)
     micro, accum = _accumulation(p, d.world)
     if d.enabled:
         sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=p.seed, drop_last=True)
     else:
         sampler = None
     model = build_model(p, stores.image_dim, stores.text_dim).to(d.device)
+    stats = None
+    if p.target_norm == "store":  # train-split statistics of the cached targets, computed once
+        stats = compute_target_stats(stores.image, stores.text, stores.category_index,
+                                     train_rows if len(train_rows) else stores.rows,
+                                     slice(variants.start, variants.stop))
+    model.target_stats = stats
+    monitor = None
+    if p.monitor_shapes > 0 and d.is_main:  # built before training: its random-init twin is the untrained model's config
+        monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
+                                  p.monitor_shapes, p.seed, device=d.device)
     optimizer = adamw(model, p.weight_decay, p.lr)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
@@ -168,6 +199,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                 batch = next(batches)
                 t_data += time.perf_counter() - t
                 batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+                if stats is not None:  # standardised targets: both terms on one scale
+                    batch.update({k: stats.normalize(k, batch[k]) for k in ("img", "text") if k in batch})
                 inputs = (batch["points"], batch.get("img"), batch.get("text"), batch["label"])
                 if graphed is not None:
                     terms = graphed(*inputs).tolist()
@@ -197,12 +230,16 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
                   **{("loss" if k == "loss" else f"loss_{k}"): sums[k] / max(seen, 1) for k in sums},
                   "samples_per_s": seen * d.world / elapsed, "data_s": t_data, "epoch_s": elapsed}
+        if monitor is not None:  # eval mode, fixed inputs, no global RNG: training is unchanged
+            t = time.perf_counter()
+            record.update(monitor.record(model))
+            record["monitor_s"] = time.perf_counter() - t
         history.append(record)
         if d.is_main:
             trainstate.save(ckpt_dir, epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "step": step, "rng": trainstate.rng_state(), "params": trainstate.jsonable(p),
-                "run": run_identity(p, stores),
+                "run": run_identity(p, stores), "target_stats": stats.state() if stats else None,
                 "config": trainstate.jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
             trainstate.write_history(out, history)
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
@@ -211,15 +248,15 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
             break
     if d.is_main and history:  # also when a finished run is resumed (dvc removes outputs first)
         trainstate.write_history(out, history)
-    return {"history": history, "model": model, "stores": stores}
+    return {"history": history, "model": model, "stores": stores, "monitor": monitor, "stats": stats}
 
 
 RUNTIME_ONLY = ("device", "loader_workers", "compile", "cuda_graph", "keep_last", "max_steps")
 
 
-#: the modules whose source decides what training computes (dvc.yaml lists them as deps too)
+#: the modules whose source decides what training computes or records (dvc.yaml lists them as deps too)
 TRAINING_CODE = ("recon.model", "recon.losses", "recon.pointops", "recon.data", "recon.optim", "recon.cudagraph",
-                 "recon.pretrain")
+                 "recon.targets", "recon.monitor", "recon.pretrain")
 
 
 def run_identity(p: PretrainParams, stores) -> dict:

@@ -1,9 +1,10 @@
 """Stage `pretrain`: train the ReCon student on points + cached teacher targets.
 
 Outputs (``cache/pretrain/``): ``checkpoints/epoch-NNNN.pt`` (the last k), ``model.pt`` (final
-weights + config), ``history.csv`` (per-epoch losses, lr, samples/s) and ``metrics.json``
-(final losses, the loss a constant mean-target predictor would get for each teacher, and the k-NN
-probe accuracy of pretrained vs randomly initialised features on the test split).
+weights + config + target statistics), ``history.csv`` (per epoch: losses, lr, samples/s, and the
+monitor's figures: losses on fixed train and test shapes next to their mean-target baselines, the
+k-NN / SVM probe of the model and of the same network at random init) and ``metrics.json`` (the
+last epoch's figures, the probe per feature part, the options that decide the targets).
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from recon.data import fixed_subset
 from recon import trainstate
-from recon.evaluate import batched, knn_probe
-from recon.losses import global_loss
 from recon.pretrain import PretrainParams, train
 from stages.common import cache_dir, console, load_params
 
@@ -40,88 +36,31 @@ class LossBar:
         self.progress.stop()
 
 
-def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
-    """k-NN (k=5, cosine) accuracy on the test split from train-split features: pretrained vs
-    the same architecture at random init, on the whole probe feature and on each of its parts.
-    Reported, not asserted on."""
-    split = stores.shapes["split"].to_numpy()
-    usable = np.zeros(len(split), dtype=bool)
-    usable[stores.rows] = True
-    train_rows = np.flatnonzero(usable & (split == "train"))
-    test_rows = np.flatnonzero(usable & (split == "test"))
-    if len(train_rows) == 0 or len(test_rows) == 0:
-        return {}
-    clouds = {name: np.stack([fixed_subset(stores.points[r], n_points, seed) for r in rows])
-              for name, rows in (("train", train_rows), ("test", test_rows))}
-    labels = {name: stores.category_index[rows] for name, rows in (("train", train_rows), ("test", test_rows))}
-    torch.manual_seed(seed)
-    random_model = type(model)(model.cfg).to(device)
-    result = {}
-    width = model.cfg.trans_dim
-    for tag, net in (("pretrained", model), ("random_init", random_model)):
-        net.eval()
-        feats = {name: batched(net.features, clouds[name], 64, device)[0] for name in clouds}
-        result[f"knn5_test_acc_{tag}"] = knn_probe(feats["train"], labels["train"], feats["test"], labels["test"])
-        # the same probe on each part of concat[CLS, IMG, TXT, max-pooled patches]: which part learned
-        result[f"knn5_test_acc_{tag}_by_part"] = {
-            part: knn_probe(feats["train"][:, k * width:(k + 1) * width], labels["train"],
-                            feats["test"][:, k * width:(k + 1) * width], labels["test"])
-            for k, part in enumerate(("cls", "img", "txt", "pooled"))}
-    result["test_shapes"] = int(len(test_rows))
-    return result
-
-
-def constant_baselines(stores, kind: str = "smooth_l1", chunk: int = 4096) -> dict[str, float]:
-    """The image/text loss of always predicting the mean target (over the usable shapes, every
-    view/variant and template as the dataset draws them), with the training loss itself
-    (:func:`recon.losses.global_loss`). A training loss at this level means the student learned
-    nothing shape-specific from that teacher. Only for smooth_l1 and l2 (a mean is their best
-    constant)."""
-    if kind not in ("smooth_l1", "l2"):
-        return {}
-    result = {}
-    rows = np.asarray(stores.rows)
-    if stores.image is not None and len(rows):
-        dim = stores.image.shape[-1]
-
-        def blocks():  # float64 [k, D] targets, a chunk of rows at a time (two passes, O(chunk) memory)
-            for i in range(0, len(rows), chunk):
-                yield torch.from_numpy(stores.image[rows[i:i + chunk]].reshape(-1, dim).astype(np.float64))
-
-        count = sum(len(block) for block in blocks())
-        mean = sum(block.sum(0) for block in blocks()) / count
-        total = sum(global_loss(mean.expand_as(block), block, kind).item() * len(block) for block in blocks())
-        result["loss_img_constant_baseline"] = total / count
-    if stores.text is not None and len(rows):
-        counts = np.bincount(stores.category_index[rows], minlength=len(stores.text))
-        text = torch.from_numpy(stores.text.astype(np.float64))                 # [C, T, D]
-        weights = torch.from_numpy(counts.astype(np.float64))
-        mean = torch.einsum("c,ctd->d", weights, text) / (weights.sum() * text.shape[1])
-        total = sum(n * global_loss(mean.expand_as(text[c]), text[c], kind).item()
-                    for c, n in enumerate(counts) if n)
-        result["loss_text_constant_baseline"] = total / counts.sum()
-    return result
-
-
 def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -> dict:
     cache = cache or cache_dir()
     out = out or cache / "pretrain"
     result = train(p, cache, out, progress_factory=LossBar, log=console.print)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
-    model, history = result["model"], result["history"]
-    device = next(model.parameters()).device
-    metrics = {k: v for k, v in history[-1].items() if k.startswith("loss") or k == "samples_per_s"}
-    metrics["epochs"] = len(history)
-    metrics.update(constant_baselines(result["stores"], p.global_loss))
-    for term in ("img", "text"):
-        loss, baseline = metrics.get(f"loss_{term}"), metrics.get(f"loss_{term}_constant_baseline")
-        if loss is not None and baseline and loss > 0.95 * baseline:
-            console.print(f"[yellow]pretrain: loss_{term} {loss:.4g} is within 5 % of predicting the mean target "
-                          f"({baseline:.4g}): nothing shape-specific learned from that teacher yet[/]")
-    metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
-    torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
-                "categories": result["stores"].categories}, out / "model.pt")
+    model, history, monitor, stats = result["model"], result["history"], result["monitor"], result["stats"]
+    metrics = {k: v for k, v in history[-1].items() if k.startswith(("loss", "train_", "test_", "probe_"))
+               or k == "samples_per_s"}
+    metrics.update(epochs=len(history), split=p.split, test_shapes_held_out=p.split == "train",
+                   target_norm=p.target_norm, image_variants=p.image_variants, global_loss=p.global_loss)
+    if stats is not None:
+        metrics["target_stats"] = stats.summary()
+    if monitor is not None:
+        final = monitor.final(model)
+        metrics.update(monitor_shapes=final["shapes"], probe=final.get("probe", {}))
+        for term in ("img", "text"):
+            ratio = metrics.get(f"test_loss_{term}_ratio")
+            if ratio is not None and ratio > 0.95:
+                console.print(f"[yellow]pretrain: test loss_{term} is {ratio:.2f}x the loss of predicting the mean "
+                              f"target: nothing shape-specific learned from that teacher yet[/]")
+    trainstate.save_file(out / "model.pt", {"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
+                                            "categories": result["stores"].categories,
+                                            "target_norm": p.target_norm,
+                                            "target_stats": stats.state() if stats else None})
     trainstate.write_json(out / "metrics.json", metrics)
     console.print(f"[green]pretrain: done → {out}[/]", metrics)
     return metrics

@@ -217,29 +217,149 @@ def test_convert_reference_checkpoint_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.features(x), model.features(x))
 
 
-def test_constant_baselines_match_brute_force(cache):
-    from stages.pretrain import constant_baselines
+def smooth_l1_to_mean(train: np.ndarray, targets: np.ndarray) -> float:
+    """Brute force: SmoothL1 of the train targets' mean against ``targets`` [K, D]."""
+    pred = torch.from_numpy(np.broadcast_to(train.mean(0), targets.shape).copy())
+    return torch.nn.functional.smooth_l1_loss(pred, torch.from_numpy(targets)).item()
+
+
+def test_variant_sampling_draws_augmented_variants_only(tmp_path):
+    """With A > 1 stored variants a step draws from the augmented ones (1..A-1), each of them;
+    ``image_variants='all'`` adds the clean view; with A = 1 the clean view is all there is."""
+    from recon.data import variant_choices
+
+    assert variant_choices(4) == range(1, 4) and variant_choices(4, "all") == range(4)
+    assert variant_choices(1) == range(1) and variant_choices(1, "all") == range(1)
+    with pytest.raises(ValueError, match="unknown image_variants"):
+        variant_choices(4, "clean")
+    stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", variants=4))
+    for mode, expected in (("augmented", {1, 2, 3}), ("all", {0, 1, 2, 3})):
+        data = PretrainDataset(stores, n_points=64, image_variants=mode)
+        drawn = set()
+        for epoch in range(12):
+            data.set_epoch(epoch)
+            for i in range(len(data)):
+                item = data[i]
+                row = int(item["index"])
+                stored = stores.image[row, 0].astype(np.float32)              # [A, D], one view
+                match = [a for a in range(4) if np.array_equal(stored[a], item["img"].numpy())]
+                assert len(match) == 1
+                drawn.add(match[0])
+        assert drawn == expected, mode
+
+
+def test_target_statistics_round_trip(tmp_path):
+    """``target_norm: store``: per-dimension mean/std over the train split (image: every view and
+    the drawable variants; text: each train shape's category), streamed in chunks; normalising then
+    de-normalising gives the targets back; the statistics travel with the checkpoints and zero-shot
+    maps the projections back into the teachers' spaces; the state-dict keys stay the reference's."""
+    from recon.targets import compute_target_stats
+
+    cache = write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3)
     stores = open_pretrain_stores(cache)
-    got = constant_baselines(stores)
-    image = stores.image[stores.rows].reshape(-1, stores.image_dim).astype(np.float64)
-    text = np.concatenate([stores.text[stores.category_index[r]] for r in stores.rows]).astype(np.float64)
-    for key, targets in (("loss_img_constant_baseline", image), ("loss_text_constant_baseline", text)):
-        pred = torch.from_numpy(np.broadcast_to(targets.mean(0), targets.shape).copy())
-        expected = torch.nn.functional.smooth_l1_loss(pred, torch.from_numpy(targets)).item()
-        assert got[key] == pytest.approx(expected, rel=1e-9) and expected > 0
-    l2 = constant_baselines(stores, "l2")["loss_img_constant_baseline"]
-    assert l2 == pytest.approx(image.var(0).mean(), rel=1e-9)
-    assert constant_baselines(stores, "infonce") == {}
-    chunked = constant_baselines(stores, chunk=5)      # several row chunks give the same figures
-    assert chunked == pytest.approx(got, rel=1e-12)
+    train_rows = stores.rows[stores.shapes["split"].to_numpy()[stores.rows] == "train"]
+    stats = compute_target_stats(stores.image, stores.text, stores.category_index, train_rows, slice(1, 3))
+    image = stores.image[train_rows][:, :, 1:3].reshape(-1, stores.image_dim).astype(np.float64)
+    text = stores.text[stores.category_index[train_rows]].reshape(-1, stores.text_dim).astype(np.float64)
+    for got_mean, got_std, brute in ((stats.img_mean, stats.img_std, image), (stats.text_mean, stats.text_std, text)):
+        np.testing.assert_allclose(got_mean, brute.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_std, brute.std(0), rtol=1e-5)
+    chunked = compute_target_stats(stores.image, stores.text, stores.category_index, train_rows, slice(1, 3), chunk=2)
+    np.testing.assert_allclose(chunked.img_std, stats.img_std, rtol=1e-6)
+    x = torch.from_numpy(image[:7].astype(np.float32))
+    normalized = stats.normalize("img", x)
+    torch.testing.assert_close(stats.denormalize("img", normalized), x)
+    whole = stats.normalize("img", torch.from_numpy(image.astype(np.float32)))
+    torch.testing.assert_close(whole.mean(0), torch.zeros(stores.image_dim), atol=1e-4, rtol=0)
+    torch.testing.assert_close(whole.std(0, unbiased=False), torch.ones(stores.image_dim), atol=1e-4, rtol=0)
+
+    from stages import pretrain as stage
+    result = stage.run(tiny_params(epochs=1, target_norm="store", split="train"), cache, tmp_path / "p")
+    assert result["target_norm"] == "store" and result["test_shapes_held_out"]
+    for path in (tmp_path / "p" / "model.pt", trainstate.latest(tmp_path / "p" / "checkpoints")):
+        loaded = load_pretrained(path)
+        np.testing.assert_array_equal(loaded.target_stats.img_std, stats.img_std)
+        np.testing.assert_array_equal(loaded.target_stats.text_mean, stats.text_mean)
+        assert set(loaded.state_dict()) == set(ReConPretrain(loaded.cfg).state_dict())
+        clouds = torch.rand(2, 128, 3)
+        with torch.no_grad():
+            tokens = loaded.encode(clouds)
+            img, txt = loaded.zero_shot_features(clouds)
+            torch.testing.assert_close(img, loaded.img_proj(tokens[:, 1]) * torch.from_numpy(stats.img_std)
+                                       + torch.from_numpy(stats.img_mean))
+            torch.testing.assert_close(txt, loaded.text_proj(tokens[:, 2]) * torch.from_numpy(stats.text_std)
+                                       + torch.from_numpy(stats.text_mean))
+
+
+def test_monitor_baselines_match_brute_force(tmp_path):
+    """The mean-target baselines next to the monitored losses: the train split's mean target
+    (over the drawable variants) against every target of the train / test shapes."""
+    from recon.monitor import PretrainMonitor
+
+    stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3))
+    split = stores.shapes["split"].to_numpy()
+    train_rows, test_rows = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    model = ReConPretrain(ReConConfig(**TINY_MODEL, img_feat_dim=stores.image_dim, text_feat_dim=stores.text_dim))
+    image = {name: stores.image[rows][:, :, 1:3].reshape(-1, stores.image_dim).astype(np.float64)
+             for name, rows in (("train", train_rows), ("test", test_rows))}
+    text = {name: stores.text[stores.category_index[rows]].reshape(-1, stores.text_dim).astype(np.float64)
+            for name, rows in (("train", train_rows), ("test", test_rows))}
+    monitor = PretrainMonitor(stores, train_rows, test_rows, model, "smooth_l1", 64, range(1, 3), None)
+    for name in ("train", "test"):
+        assert monitor.baselines[f"{name}_loss_img_baseline"] == pytest.approx(
+            smooth_l1_to_mean(image["train"], image[name]), rel=1e-6)
+        assert monitor.baselines[f"{name}_loss_text_baseline"] == pytest.approx(
+            smooth_l1_to_mean(text["train"], text[name]), rel=1e-6)
+    l2 = PretrainMonitor(stores, train_rows, test_rows, model, "l2", 64, range(1, 3), None)
+    assert l2.baselines["train_loss_img_baseline"] == pytest.approx(image["train"].var(0).mean(), rel=1e-6)
+    cosine = PretrainMonitor(stores, train_rows, test_rows, model, "cosine", 64, range(1, 3), None)
+    unit = image["train"] / np.linalg.norm(image["train"], axis=1, keepdims=True)
+    direction = unit.mean(0) / np.linalg.norm(unit.mean(0))
+    assert cosine.baselines["train_loss_img_baseline"] == pytest.approx(1 - (unit @ direction).mean(), rel=1e-6)
+    assert PretrainMonitor(stores, train_rows, test_rows, model, "infonce", 64, range(1, 3), None).baselines == {}
+    record = monitor.record(model)
+    assert record["probe_knn_random_init"] == record["probe_knn"]       # the model *is* its seed-0 init
+    assert record["test_loss_img_ratio"] == pytest.approx(record["test_loss_img"] / record["test_loss_img_baseline"])
+
+
+def write_demo_like_teachers(cache: Path, image_dim: int = 64, text_dim: int = 96, variants: int = 3,
+                             seed: int = 0) -> None:
+    """Teacher stores shaped like the demo's (efficientnet + MiniLM): image features with large
+    per-dimension offsets (up to 1.6), std ≈ 0.26 of which about half lies between categories;
+    unit-norm text features sharing one dominant direction (per-dimension std ≈ 0.04)."""
+    import polars as pl
+    import shutil
+
+    from pipeline.store import ArraySpec, StoreWriter
+    rng = np.random.default_rng(seed)
+    shapes = pl.read_parquet(cache / "shapes.parquet")
+    categories = sorted(shapes["category"].unique().to_list())
+    label = np.array([categories.index(c) for c in shapes["category"].to_list()])
+    n = len(label)
+    offset = rng.uniform(0, 1.6, image_dim)
+    centres = rng.normal(size=(len(categories), image_dim))
+    shape_part = rng.normal(size=(n, 1, 1, image_dim))
+    image = offset + 0.26 * (0.75 * centres[label][:, None, None] + 0.45 * shape_part
+                             + 0.5 * rng.normal(size=(n, 1, variants, image_dim)))
+    common = rng.normal(size=text_dim)
+    text = 3 * common / np.linalg.norm(common) + 0.5 * rng.normal(size=(len(categories), 1, text_dim)) / np.sqrt(text_dim) * 4
+    text = text + 0.1 * rng.normal(size=(len(categories), 6, text_dim)) / np.sqrt(text_dim)
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    for name, ids, spec, data in (
+            ("image.zarr", shapes["id"].to_list(), ArraySpec((1, variants, image_dim), "float16", n), image),
+            ("text.zarr", categories, ArraySpec((6, text_dim), "float16", len(categories)), text)):
+        shutil.rmtree(cache / "teachers" / name)
+        writer = StoreWriter.open(cache / "teachers" / name, ids, {"features": spec}, {"synthetic": "demo-like"})
+        writer.write_rows(np.arange(len(ids)), {"features": data.astype(np.float16)}, np.ones(len(ids), bool))
+        writer.finalise()
 
 
 def test_image_distillation_learns_shape_specific_targets(tmp_path):
     """Through the dataset's pairing of clouds and targets, the IMG query learns more than the
     mean target: its loss falls well below the constant-predictor baseline (stop-grad on)."""
-    from stages.pretrain import constant_baselines
     stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", n_per_class=8))
-    baseline = constant_baselines(stores)["loss_img_constant_baseline"]
+    targets = stores.image[stores.rows][:, :, 1].reshape(-1, stores.image_dim).astype(np.float64)
+    baseline = smooth_l1_to_mean(targets, targets)
     dataset = PretrainDataset(stores, n_points=128)
     torch.manual_seed(0)
     model = ReConPretrain(ReConConfig(**{**TINY_MODEL, "drop_path_rate": 0.0}, img_feat_dim=stores.image_dim,

@@ -1,0 +1,195 @@
+"""Evidence while pretraining trains: is it helping yet?
+
+Per epoch (and at the end), on fixed subsets of train and test shapes (fixed points, fixed masks,
+eval mode, no gradient, every image/text target the trainer may draw):
+
+- the distillation and reconstruction losses, next to the **mean-target baseline**: the loss of
+  always predicting the train split's mean target (for ``cosine``, its mean direction). A loss at
+  its baseline means nothing shape-specific was learned from that teacher;
+- a **probe** of the features: k-NN (k=5, cosine) on concat[CLS, IMG, TXT, max over patches] and a
+  linear SVM (``LinearSVC(C=0.075)``, raw and train-standardised) on the reference SVM feature,
+  test shapes classified from train shapes, for the model being trained and for the same
+  architecture at random init (seeded), so the two columns answer the question side by side.
+
+Nothing here draws from the global RNG: monitoring does not change what training computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from recon.data import PretrainStores, fixed_subset
+from recon.evaluate import batched, knn_probe, random_init_like, svm_accuracy
+from recon.losses import global_loss
+from recon.model import ReConPretrain
+from recon.targets import TargetStats
+
+SPLITS = ("train", "test")
+PARTS = ("cls", "img", "txt", "pooled")
+
+
+@dataclass
+class MonitorSet:
+    """Fixed inputs of one split: clouds [N, n, 3], labels [N], masks [N, G] and every target the
+    trainer may draw for each shape, in the loss's space: image [N, K, Di], text [N, T, Dt]."""
+
+    rows: np.ndarray
+    clouds: np.ndarray
+    labels: np.ndarray
+    masks: torch.Tensor
+    img: torch.Tensor | None
+    text: torch.Tensor | None
+
+
+def subset_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``rows``, a seeded choice, in ascending order."""
+    if limit <= 0 or len(rows) <= limit:
+        return np.asarray(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
+def monitor_set(stores: PretrainStores, rows: np.ndarray, n_points: int, seed: int, num_group: int,
+                num_mask: int, variants: range, stats: TargetStats | None) -> MonitorSet:
+    clouds = np.stack([fixed_subset(stores.points[r], n_points, seed) for r in rows])
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.rand(len(rows), num_group, generator=generator).argsort(1)[:, :num_mask]
+    masks = torch.zeros(len(rows), num_group, dtype=torch.bool).scatter_(1, order, True)
+    img = text = None
+    if stores.image is not None:
+        dim = stores.image.shape[-1]
+        block = np.asarray(stores.image[rows])[:, :, variants.start:variants.stop]
+        img = torch.from_numpy(block.reshape(len(rows), -1, dim).astype(np.float32))
+        img = stats.normalize("img", img) if stats is not None else img
+    if stores.text is not None:
+        text = torch.from_numpy(np.asarray(stores.text, np.float32)[stores.category_index[rows]])
+        text = stats.normalize("text", text) if stats is not None else text
+    return MonitorSet(rows, clouds, stores.category_index[rows], masks, img, text)
+
+
+def best_constant(targets: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """The constant prediction a loss of ``kind`` is compared with: the mean target (smooth_l1,
+    l2), the mean direction (cosine); None for infonce (no constant is meaningful in-batch)."""
+    flat = targets.reshape(-1, targets.shape[-1]).double()
+    if kind in ("smooth_l1", "l2"):
+        return flat.mean(0)
+    if kind == "cosine":
+        return torch.nn.functional.normalize(flat, dim=-1).mean(0)
+    return None
+
+
+def expected_loss(pred: torch.Tensor, targets: torch.Tensor, kind: str) -> float:
+    """Mean over shapes and over each shape's targets of the loss of ``pred`` [N, D] (or one
+    constant [D]) against ``targets`` [N, K, D]: the loss the trainer's random draw has on average."""
+    n, k, dim = targets.shape
+    pred = pred.expand(n, dim) if pred.ndim == 1 else pred
+    pred = pred[:, None].expand(n, k, dim).reshape(-1, dim)
+    return float(global_loss(pred.double(), targets.reshape(-1, dim).double(), kind))
+
+
+@torch.no_grad()
+def model_losses(model: ReConPretrain, s: MonitorSet, kind: str, batch: int, device) -> dict[str, float]:
+    """Reconstruction and distillation losses of ``model`` on a monitor set (eval mode, fixed masks)."""
+    was_training = model.training
+    model.eval()
+    sums = {"rec": 0.0, "img": 0.0, "text": 0.0}
+    for i in range(0, len(s.rows), batch):
+        points = torch.from_numpy(s.clouds[i:i + batch]).to(device)
+        out = model(points, mask=s.masks[i:i + batch].to(device))
+        n = points.shape[0]
+        sums["rec"] += float(out["loss_rec"]) * n
+        if s.img is not None:
+            sums["img"] += expected_loss(out["img_proj"].cpu(), s.img[i:i + batch], kind) * n
+        if s.text is not None:
+            sums["text"] += expected_loss(out["text_proj"].cpu(), s.text[i:i + batch], kind) * n
+    model.train(was_training)
+    active = set(model.cfg.targets)
+    return {k: v / len(s.rows) for k, v in sums.items() if k in active}
+
+
+@torch.no_grad()
+def probe(model: ReConPretrain, train: MonitorSet, test: MonitorSet, device, seed: int = 0,
+          by_part: bool = False) -> dict:
+    """k-NN on the 4C features and a linear SVM (raw and standardised) on the 2C SVM features,
+    test shapes classified from train shapes (accuracies in %)."""
+    was_training = model.training
+    model.eval()
+    feats = {name: batched(lambda x: (model.features(x), model.svm_features(x)), s.clouds, 64, device)
+             for name, s in (("train", train), ("test", test))}
+    model.train(was_training)
+    (knn_train, svm_train), (knn_test, svm_test) = feats["train"], feats["test"]
+    result = {"knn": 100 * knn_probe(knn_train, train.labels, knn_test, test.labels)}
+    if len(np.unique(train.labels)) > 1:
+        result["svm"] = svm_accuracy(svm_train, train.labels, svm_test, test.labels, seed=seed)[1]
+        mean, std = svm_train.mean(0), svm_train.std(0) + 1e-6
+        result["svm_std"] = svm_accuracy((svm_train - mean) / std, train.labels, (svm_test - mean) / std,
+                                         test.labels, seed=seed)[1]
+        result["svm_feature_std"] = float(svm_train.std(0).mean())   # spread across shapes (scale collapse)
+    if by_part:
+        width = model.cfg.trans_dim
+        result["knn_by_part"] = {part: 100 * knn_probe(knn_train[:, k * width:(k + 1) * width], train.labels,
+                                                       knn_test[:, k * width:(k + 1) * width], test.labels)
+                                 for k, part in enumerate(PARTS)}
+    return result
+
+
+class PretrainMonitor:
+    """Fixed train/test subsets, their baselines and the random-init probe, computed once;
+    :meth:`record` measures the model being trained against them."""
+
+    def __init__(self, stores: PretrainStores, train_rows: np.ndarray, test_rows: np.ndarray, model: ReConPretrain,
+                 kind: str, n_points: int, variants: range, stats: TargetStats | None, limit: int = 512,
+                 seed: int = 0, batch: int = 32, device="cpu"):
+        self.kind, self.batch, self.device, self.seed = kind, batch, device, seed
+        cfg = model.cfg
+        self.sets = {name: monitor_set(stores, subset_rows(rows, limit, seed + k), n_points, seed, cfg.num_group,
+                                       cfg.num_mask, variants, stats)
+                     for k, (name, rows) in enumerate((("train", train_rows), ("test", test_rows))) if len(rows)}
+        self.baselines: dict[str, float] = {}
+        train = self.sets.get("train")
+        for term in ("img", "text"):
+            targets = getattr(train, term) if train is not None else None
+            constant = best_constant(targets, kind) if targets is not None else None
+            if constant is None or term not in cfg.targets:
+                continue
+            for name, s in self.sets.items():
+                self.baselines[f"{name}_loss_{term}_baseline"] = expected_loss(constant.float(), getattr(s, term), kind)
+        self.random_init = random_init_like(model, seed).to(device)
+        self.random_init.target_stats = stats
+        self.random_probe = self.probe(self.random_init) if self.can_probe else {}
+
+    @property
+    def can_probe(self) -> bool:
+        return "train" in self.sets and "test" in self.sets
+
+    def probe(self, model: ReConPretrain, by_part: bool = False) -> dict:
+        return probe(model, self.sets["train"], self.sets["test"], self.device, self.seed, by_part)
+
+    def record(self, model: ReConPretrain) -> dict[str, float]:
+        """Flat numbers for one row of history.csv."""
+        out: dict[str, float] = {}
+        for name, s in self.sets.items():
+            for term, value in model_losses(model, s, self.kind, self.batch, self.device).items():
+                out[f"{name}_loss_{term}"] = value
+                baseline = self.baselines.get(f"{name}_loss_{term}_baseline")
+                if baseline is not None:
+                    out[f"{name}_loss_{term}_baseline"] = baseline
+                    out[f"{name}_loss_{term}_ratio"] = value / baseline if baseline > 0 else float("nan")
+        if self.can_probe:
+            current = self.probe(model)
+            for key in ("knn", "svm", "svm_std"):
+                if key in current:
+                    out[f"probe_{key}"] = current[key]
+                    out[f"probe_{key}_random_init"] = self.random_probe[key]
+        return out
+
+    def final(self, model: ReConPretrain) -> dict:
+        """The end-of-run section of metrics.json: the record, the probe per feature part and the
+        feature spread behind the raw-SVM figure, for the model and for random init."""
+        out: dict = {"record": self.record(model), "shapes": {k: int(len(s.rows)) for k, s in self.sets.items()}}
+        if self.can_probe:
+            out["probe"] = {"pretrained": self.probe(model, by_part=True),
+                            "random_init": self.probe(self.random_init, by_part=True)}
+        return out
