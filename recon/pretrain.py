@@ -1,6 +1,7 @@
 """The ReCon pretraining loop: the student against cached teacher targets.
 
-One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per step,
+One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per epoch
+(the reference) or per step,
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
 epoch, exact resume, a non-finite-loss guard.
@@ -25,7 +26,7 @@ from recon.cudagraph import GraphedForwardBackward
 from recon.data import PretrainDataset, open_pretrain_stores
 from recon.distributed import Dist, setup, teardown
 from recon.model import ReConConfig, ReConPretrain
-from recon.optim import adamw, lr_at, set_lr
+from recon.optim import Schedule, adamw, set_lr
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
 
@@ -42,6 +43,7 @@ class PretrainParams:
     warmup_epochs: int = 10
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
+    schedule: str = "epoch"        # "epoch": the reference (timm cosine, per epoch); "step": per optimiser step
     drop_path: float = 0.1
     n_points: int = 1024
     rotate: bool = True
@@ -132,7 +134,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     steps_per_epoch = len(dataset) // (micro * d.world * accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} shapes is fewer than one batch of {p.batch_size}")
-    total_steps, warmup_steps = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
+    schedule = Schedule(p.schedule, p.epochs, p.warmup_epochs, steps_per_epoch, p.lr, p.min_lr, p.warmup_lr)
     on_cuda = d.device.type == "cuda"
 
     def forward_terms(points, img, text, labels):
@@ -162,7 +164,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         bar = progress_factory(f"epoch {epoch + 1}/{p.epochs}", steps_per_epoch) if progress_factory and d.is_main else None
         batches = iter(loader)
         for _ in range(steps_per_epoch):
-            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, p.lr, p.min_lr, p.warmup_lr))
+            set_lr(optimizer, schedule.lr(step))
             for micro_step in range(accum):
                 t = time.perf_counter()
                 batch = next(batches)
