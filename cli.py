@@ -139,6 +139,7 @@ def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | ba
              batch_size: Optional[int] = typer.Option(None, help="global batch [params: pretrain.batch_size]"),
              micro_batch: Optional[int] = typer.Option(None, help="per-forward batch; accumulation fills the rest"),
              lr: Optional[float] = typer.Option(None, help="[params: pretrain.lr]"),
+             schedule: Optional[str] = typer.Option(None, help="learning rate per epoch (the reference) or per step [params: pretrain.schedule]"),
              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [params: pretrain.device]"),
              compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
              cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph",
@@ -148,7 +149,7 @@ def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | ba
     from stages import pretrain as stage
 
     p = stage.params(dict(variant=variant, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
-                          lr=lr, device=device, compile=compile, cuda_graph=cuda_graph,
+                          lr=lr, schedule=schedule, device=device, compile=compile, cuda_graph=cuda_graph,
                           max_steps=max_steps))
     _run(stage.run, p)
 

@@ -3,7 +3,8 @@
 Protocols: ``full`` (everything trains), ``mlp3`` / ``linear`` (only the head and the [CLS]
 token/position train; the backbone is frozen, its BatchNorm statistics too). Dataset profiles carry
 the SPEC recipes; any field can be overridden. The recipe: AdamW (wd 0.05, none on 1-D/bias/tokens),
-warm-up + cosine per step, head and [CLS] at 10x lr, grad-norm clip 10, drop path 0.2.
+warm-up + cosine per epoch as the reference (per step: ``schedule: step``, the demo's), head and
+[CLS] at 10x lr, grad-norm clip 10, drop path 0.2.
 
 Sampling follows the reference runner: every cloud (normalised first when the profile says so)
 is reduced once to an FPS superset (1200 points for 1024, 2400 for 2048, 4800 for 4096, all for
@@ -47,7 +48,7 @@ from recon.checkpoint import (
 from recon.data import normalize, rotate_up
 from recon.distributed import Dist, pick_device
 from recon.model import ReConClassifier, ReConConfig
-from recon.optim import adamw, lr_at, set_lr
+from recon.optim import SCHEDULES, Schedule, adamw, set_lr
 from recon.pointops import farthest_point_sample
 
 PROTOCOL_HEADS = {"full": "full", "mlp3": "mlp3", "linear": "linear"}
@@ -74,18 +75,29 @@ class Profile:
     augment: str           # training augmentation
     vote_augment: str      # augmentation of the voting passes
     normalize: bool        # centre + unit sphere before sampling (ModelNet: yes; ScanObjectNN: no)
+    schedule: str = "epoch"  # learning-rate granularity: "epoch" (the reference) or "step"
 
 
+# Voting as the reference runner's ``validate_vote``/``test_vote``: ModelNet scales, ScanObjectNN
+# PB_T50_RS ("hardest") rotates, every other dataset (OBJ_BG, OBJ_ONLY, few-shot) only resamples.
+# Training: ModelNet scales and translates, every other dataset rotates.
+_SCANOBJECTNN = Profile(2048, 128, 32, 2e-5, 300, 10, 32, 0.2, "rotate", "none", False)
 PROFILES: dict[str, Profile] = {
-    "scanobjectnn": Profile(2048, 128, 32, 2e-5, 300, 10, 32, 0.2, "rotate", "rotate", False),
+    "scanobjectnn": dataclasses.replace(_SCANOBJECTNN, vote_augment="rotate"),  # = scanobjectnn-hardest
+    "scanobjectnn-hardest": dataclasses.replace(_SCANOBJECTNN, vote_augment="rotate"),   # PB_T50_RS
+    "scanobjectnn-objbg": _SCANOBJECTNN,
+    "scanobjectnn-objonly": _SCANOBJECTNN,
     "modelnet40": Profile(1024, 64, 32, 1e-5, 300, 10, 32, 0.2, "scale_translate", "scale", True),
     "modelnet40-8k": Profile(8192, 512, 32, 1e-5, 300, 10, 32, 0.2, "scale_translate", "scale", True),
     # reference cfgs/full/fewshot.yaml: lr 5e-4, 150 epochs, drop path 0.1; its runner rotates
     # (the few-shot dataset is not named "ModelNet", so it gets the non-ModelNet augmentation)
     "fewshot": Profile(1024, 64, 32, 5e-4, 150, 10, 32, 0.1, "rotate", "none", True),
-    # the embedded demo: a short, larger-lr schedule (not a paper recipe)
-    "demo": Profile(1024, 64, 32, 2e-4, 20, 2, 16, 0.2, "scale_translate", "scale", True),
+    # the embedded demo: a short, larger-lr schedule stepped per optimiser step (not a paper recipe)
+    "demo": Profile(1024, 64, 32, 2e-4, 20, 2, 16, 0.2, "scale_translate", "scale", True, "step"),
 }
+#: the ScanObjectNN variant (``pipeline/convert.py``) each ScanObjectNN profile is the recipe for
+SCANOBJECTNN_VARIANTS = {"scanobjectnn": "PB_T50_RS", "scanobjectnn-hardest": "PB_T50_RS",
+                         "scanobjectnn-objbg": "OBJ_BG", "scanobjectnn-objonly": "OBJ_ONLY"}
 
 
 @dataclass
@@ -108,6 +120,7 @@ class FinetuneParams:
     augment: str | None = None
     vote_augment: str | None = None
     normalize: bool | None = None
+    schedule: str | None = None
     weight_decay: float = 0.05
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
@@ -136,7 +149,19 @@ class FinetuneParams:
         for kind in (recipe.augment, recipe.vote_augment):
             if kind not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {kind!r}; choose from {AUGMENTATIONS}")
+        if recipe.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {recipe.schedule!r}; choose from {SCHEDULES}")
         return recipe
+
+    def check_store(self, store_params: dict) -> None:
+        """Refuse a ScanObjectNN profile on a store of another ScanObjectNN variant: the variants
+        vote differently (the reference rotates only PB_T50_RS)."""
+        want = SCANOBJECTNN_VARIANTS.get(self.profile)
+        have = store_params.get("variant") if store_params.get("format") == "scanobjectnn" else None
+        if want and have and have != want:
+            choices = [k for k, v in SCANOBJECTNN_VARIANTS.items() if v == have]
+            raise ValueError(f"profile {self.profile!r} is the {want} recipe but the store holds {have}: "
+                             f"use profile {choices[-1]!r}")
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed]
@@ -318,6 +343,7 @@ def build_classifier(p: FinetuneParams, num_classes: int, init: InitSource | Non
     model = ReConClassifier(classifier_config(init, p.variant, p.model, recipe), num_classes,
                             head=PROTOCOL_HEADS[p.protocol])
     if init is not None:
+        model.reset_head_default()  # the reference's head keeps PyTorch's init under a checkpoint
         missing, _ = init_classifier_from_pretrain(model, init.state)
         missing = [k for k in missing if k.startswith("encoder.")]
         if missing:
@@ -508,7 +534,8 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
     if d.enabled:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=seed, drop_last=True) if d.enabled else None
-    total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    schedule = Schedule(recipe.schedule, recipe.epochs, recipe.warmup_epochs, steps_per_epoch, recipe.lr,
+                        p.min_lr, p.warmup_lr)
     trainable = [q for q in model.parameters() if q.requires_grad]
     autocast = autocast_for(device)
 
@@ -524,7 +551,7 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
         bar = progress_factory(f"finetune epoch {epoch + 1}/{recipe.epochs}", steps_per_epoch) \
             if progress_factory and d.is_main else None
         for batch in loader:
-            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, recipe.lr, p.min_lr, p.warmup_lr))
+            set_lr(optimizer, schedule.lr(step))
             points, labels = batch["points"].to(device), batch["label"].to(device)
             with autocast:
                 logits = net(points)

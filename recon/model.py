@@ -262,7 +262,8 @@ def drop_path_schedule(rate: float, depth: int) -> list[float]:
 
 
 def init_weights(module: nn.Module) -> None:
-    """Linear/Conv1d trunc-normal(0.02) with zero bias; LayerNorm/BatchNorm 1 and 0."""
+    """The encoder side (reference ``MaskTransformer._init_weights``): Linear/Conv1d
+    trunc-normal(0.02) with zero bias; LayerNorm/BatchNorm weight 1, bias 0."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -271,6 +272,40 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def init_decoder_weights(module: nn.Module) -> None:
+    """The reconstruction decoder's blocks (reference ``TransformerDecoder._init_weights``):
+    Linear xavier-uniform with zero bias; LayerNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def init_projection_weights(module: nn.Module) -> None:
+    """The teacher projections and the SMC head (reference ``ReCon._init_weights``): Linear
+    normal(mean 0.02, std 0.01) with zero bias; BatchNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.02, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def init_pytorch_default(module: nn.Module) -> None:
+    """PyTorch's own initialisation (kaiming-uniform weights, fan-in-uniform biases; norms 1/0)
+    of every layer in ``module``: what the reference leaves untouched."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.BatchNorm1d, nn.LayerNorm)):
+            m.reset_parameters()
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -396,13 +431,20 @@ class ReConPretrain(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_weights(self)
+        """Module by module as the reference initialises it (SPEC §9): encoder and query tokens
+        trunc-normal(0.02); mask token trunc-normal(0.02); decoder blocks xavier-uniform; the
+        decoder's positional MLP and the rebuild head PyTorch's default; projections normal(0.02, 0.01)."""
+        init_weights(self.encoder)
         for p in (*(getattr(self.encoder, f"{n}_{s}") for n in ReConEncoder.QUERY_NAMES
                     for s in ("token", "pos")), self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
-        for proj in (self.img_proj, self.text_proj):
-            nn.init.normal_(proj.weight, mean=0.02, std=0.01)
-            nn.init.zeros_(proj.bias)
+        init_pytorch_default(self.decoder_pos_embed)
+        init_decoder_weights(self.decoder)
+        init_pytorch_default(self.rebuild_head)
+        init_projection_weights(self.img_proj)
+        init_projection_weights(self.text_proj)
+        if hasattr(self, "cls_proj"):
+            init_projection_weights(self.cls_proj)
 
     def random_mask(self, batch: int, device: torch.device | str,
                     generator: torch.Generator | None = None) -> Tensor:
@@ -529,10 +571,22 @@ class ReConClassifier(nn.Module):
         self.encoder = ReConEncoder(cfg)
         self.head = build_head(4 * cfg.trans_dim, num_classes, head)
         self.backbone_frozen = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """From scratch, as the reference's ``PointTransformer`` (``_init_weights`` over every
+        module): Linear/Conv1d trunc-normal(0.02), zero bias, norms 1/0; IMG/TXT tokens and all
+        three positions trunc-normal(0.02); the [CLS] token starts at zero."""
         init_weights(self)
-        for n in ReConEncoder.QUERY_NAMES:
-            nn.init.trunc_normal_(getattr(self.encoder, f"{n}_token"), std=0.02)
-            nn.init.trunc_normal_(getattr(self.encoder, f"{n}_pos"), std=0.02)
+        nn.init.zeros_(self.encoder.cls_token)
+        for p in (self.encoder.img_token, self.encoder.text_token, self.encoder.cls_pos,
+                  self.encoder.img_pos, self.encoder.text_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def reset_head_default(self) -> None:
+        """The head as the reference leaves it when the encoder comes from a checkpoint:
+        PyTorch's default initialisation (its ``_init_weights`` runs only from scratch)."""
+        init_pytorch_default(self.head)
 
     def forward_tokens(self, points: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """Grouping + encoder outputs (``tokens`` = final LN [B,3+G,C]) and ``center``/``neighborhood``."""

@@ -1,8 +1,14 @@
-"""Optimiser parameter groups and the warm-up + cosine learning-rate schedule (per SPEC)."""
+"""Optimiser parameter groups and the warm-up + cosine learning-rate schedules (per SPEC).
+
+Two granularities: ``epoch`` (the reference: timm's ``CosineLRScheduler`` with ``t_in_epochs=True``,
+one learning rate per epoch) and ``step`` (a smooth per-step version of the same shape, for short
+runs such as the demo whose few epochs would otherwise be spent mostly in warm-up).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,6 +49,53 @@ def lr_at(step: float, total_steps: int, warmup_steps: int, base_lr: float,
         return warmup_lr + (base_lr - warmup_lr) * step / max(warmup_steps, 1)
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lr_per_epoch(epoch: int, epochs: int, warmup_epochs: int, base_lr: float,
+                 min_lr: float = 1e-6, warmup_lr: float = 1e-6) -> float:
+    """The learning rate of ``epoch`` under the reference schedule: timm's
+    ``CosineLRScheduler(t_initial=epochs, lr_min=min_lr, warmup_t=warmup_epochs,
+    warmup_lr_init=warmup_lr, cycle_limit=1, t_in_epochs=True)`` driven as the reference runner
+    drives it: set to ``warmup_lr`` at construction, then ``step(epoch)`` at the *end* of each
+    epoch, so epoch ``e`` trains at the scheduler's value for ``e - 1``. The cosine is a function
+    of the absolute epoch over ``epochs`` (timm's default ``warmup_prefix=False``)."""
+    t = epoch - 1
+    if t < 0:
+        return warmup_lr if warmup_epochs > 0 else base_lr
+    if t < warmup_epochs:
+        return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
+
+
+SCHEDULES = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Warm-up + cosine at ``kind`` granularity (``epoch``: :func:`lr_per_epoch`, the reference;
+    ``step``: :func:`lr_at` over optimiser steps)."""
+
+    kind: str
+    epochs: int
+    warmup_epochs: int
+    steps_per_epoch: int
+    base_lr: float
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.kind!r}; choose from {SCHEDULES}")
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (0-based, counted over the whole run)."""
+        if self.kind == "epoch":
+            return lr_per_epoch(step // self.steps_per_epoch, self.epochs, self.warmup_epochs,
+                                self.base_lr, self.min_lr, self.warmup_lr)
+        return lr_at(step, self.epochs * self.steps_per_epoch, self.warmup_epochs * self.steps_per_epoch,
+                     self.base_lr, self.min_lr, self.warmup_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,6 +1,7 @@
 """The ReCon pretraining loop: the student against cached teacher targets.
 
-One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per step,
+One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per epoch
+(the reference) or per step,
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
 epoch, exact resume, a non-finite-loss guard. Targets can be standardised with train-split
@@ -30,8 +31,8 @@ from recon.data import PretrainDataset, open_pretrain_stores, variant_choices
 from recon.distributed import Dist, setup, teardown
 from recon.model import ReConConfig, ReConPretrain
 from recon.monitor import PretrainMonitor
-from recon.optim import adamw, lr_at, set_lr
-from recon.targets import TARGET_NORMS, TargetStats, compute_target_stats
+from recon.optim import Schedule, adamw, set_lr
+from recon.targets import TARGET_NORMS, compute_target_stats
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
 
@@ -48,6 +49,7 @@ class PretrainParams:
     warmup_epochs: int = 10
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
+    schedule: str = "epoch"        # "epoch": the reference (timm cosine, per epoch); "step": per optimiser step
     drop_path: float = 0.1
     n_points: int = 1024
     rotate: bool = True
@@ -163,7 +165,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     steps_per_epoch = len(dataset) // (micro * d.world * accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} shapes is fewer than one batch of {p.batch_size}")
-    total_steps, warmup_steps = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
+    schedule = Schedule(p.schedule, p.epochs, p.warmup_epochs, steps_per_epoch, p.lr, p.min_lr, p.warmup_lr)
     on_cuda = d.device.type == "cuda"
 
     def forward_terms(points, img, text, labels):
@@ -193,7 +195,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         bar = progress_factory(f"epoch {epoch + 1}/{p.epochs}", steps_per_epoch) if progress_factory and d.is_main else None
         batches = iter(loader)
         for _ in range(steps_per_epoch):
-            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, p.lr, p.min_lr, p.warmup_lr))
+            set_lr(optimizer, schedule.lr(step))
             for micro_step in range(accum):
                 t = time.perf_counter()
                 batch = next(batches)

@@ -55,12 +55,13 @@ def convert(format: Optional[str] = typer.Argument(None, help="modelnet40 | mode
 
 
 def finetune(store: Optional[Path] = typer.Option(None, help="classification store [params: finetune.store]"),
-             profile: Optional[str] = typer.Option(None, help="scanobjectnn | modelnet40 | modelnet40-8k | fewshot | demo [params: finetune.profile]"),
+             profile: Optional[str] = typer.Option(None, help="scanobjectnn(-hardest) | scanobjectnn-objbg | scanobjectnn-objonly | modelnet40 | modelnet40-8k | fewshot | demo [params: finetune.profile]"),
              init: Optional[str] = typer.Option(None, help="model.pt / epoch checkpoint / reference .pth / scratch [params: finetune.init]"),
              protocol: Optional[str] = typer.Option(None, help="full | mlp3 | linear [params: finetune.protocol]"),
              epochs: Optional[int] = typer.Option(None, help="[params: finetune.epochs; default: the profile's]"),
              batch_size: Optional[int] = typer.Option(None, help="[params: finetune.batch_size]"),
              lr: Optional[float] = typer.Option(None, help="[params: finetune.lr]"),
+             schedule: Optional[str] = typer.Option(None, help="epoch | step [params: finetune.schedule; default: the profile's]"),
              n_points: Optional[int] = typer.Option(None, help="[params: finetune.n_points]"),
              votes: Optional[int] = typer.Option(None, help="voting passes [params: finetune.votes]"),
              val_fraction: Optional[float] = typer.Option(None, help="select the epoch on a validation split carved from train [params: finetune.val_fraction]"),
@@ -72,7 +73,7 @@ def finetune(store: Optional[Path] = typer.Option(None, help="classification sto
     from stages import finetune as stage
 
     p = stage.params(dict(store=str(store) if store else None, profile=profile, init=init, protocol=protocol,
-                          epochs=epochs, batch_size=batch_size, lr=lr, n_points=n_points, votes=votes,
+                          epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, n_points=n_points, votes=votes,
                           val_fraction=val_fraction, seed=seed, seeds=_ints(seeds), device=device,
                           max_steps=max_steps))
     _run(stage.run, p)

@@ -36,6 +36,7 @@ def run(p: FinetuneParams, out: Path | None = None) -> dict:
     d = setup(p.device)
     try:
         store = open_store(p.store)
+        p.check_store(store.params)
         train, test = load_classification(p.store, "train"), load_classification(p.store, "test")
         init = load_init(p.init)
         if d.is_main:

@@ -147,6 +147,40 @@ def test_init_from_pretraining_checkpoints(tmp_path, kind):
         assert torch.equal(value, pre.encoder.state_dict()[name]), name
 
 
+def test_voting_and_training_augmentation_follow_the_reference_per_dataset():
+    """Reference runner: ModelNet trains with scale+translate and votes with scale; ScanObjectNN
+    PB_T50_RS votes with rotation, OBJ_BG / OBJ_ONLY (and few-shot) vote without augmentation;
+    everything but ModelNet trains with rotation."""
+    votes = {name: FT.PROFILES[name].vote_augment for name in FT.PROFILES}
+    assert votes == {"scanobjectnn": "rotate", "scanobjectnn-hardest": "rotate", "scanobjectnn-objbg": "none",
+                     "scanobjectnn-objonly": "none", "modelnet40": "scale", "modelnet40-8k": "scale",
+                     "fewshot": "none", "demo": "scale"}
+    assert {FT.PROFILES[n].augment for n in FT.SCANOBJECTNN_VARIANTS} | {FT.PROFILES["fewshot"].augment} == {"rotate"}
+    assert FT.PROFILES["modelnet40"].augment == "scale_translate"
+    store = {"format": "scanobjectnn", "variant": "OBJ_BG"}
+    FT.FinetuneParams(profile="scanobjectnn-objbg").check_store(store)
+    with pytest.raises(ValueError, match="use profile 'scanobjectnn-objbg'"):
+        FT.FinetuneParams(profile="scanobjectnn").check_store(store)
+    FT.FinetuneParams(profile="modelnet40").check_store({"format": "modelnet40"})
+
+
+@pytest.mark.parametrize("schedule", [None, "epoch"])
+def test_schedule_granularity_per_profile(monkeypatch, schedule):
+    """Paper profiles step the learning rate per epoch, the demo per step; either can be chosen."""
+    assert {n: p.schedule for n, p in FT.PROFILES.items() if p.schedule != "epoch"} == {"demo": "step"}
+    seen = []
+    real_set_lr = FT.set_lr
+    monkeypatch.setattr(FT, "set_lr", lambda opt, lr: (seen.append(lr), real_set_lr(opt, lr)))
+    p = FT.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "batch_size": 4, "schedule": schedule})
+    result = FT.finetune(p, synthetic(4, 3), None, seed=0, log=lambda *_: None)
+    per_epoch = result.history[0]["step"]
+    assert per_epoch > 1 and len(seen) == 3 * per_epoch
+    rates_in_epoch_1 = set(seen[per_epoch:2 * per_epoch])
+    assert len(rates_in_epoch_1) == (1 if schedule == "epoch" else per_epoch)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        FT.FinetuneParams(schedule="batch").recipe()
+
+
 def test_exact_resume_and_validation_selection(tmp_path):
     data = synthetic(4, 3)
     p = FT.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "val_fraction": 0.25})
