@@ -547,6 +547,32 @@ class ReConPretrain(nn.Module):
         return img, txt
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32) -> None:
+    """Precise BatchNorm: re-estimate the running statistics of the patch embedding's BatchNorm
+    layers as the plain average over ``clouds`` [N, n, 3] (train-mode statistics, no gradient,
+    no random draw); the weights are untouched.
+
+    Why: the running variances start at 1 and decay by the momentum (0.9 per step), while the
+    true variance of the first layer's output is ~1e-4 (trunc-normal(0.02) weights). After the
+    few hundred steps of a short run the eval-mode statistics are still dominated by their
+    initial value, so eval-mode features (probes, SVM, zero-shot) differ from the train-mode
+    ones the losses were fitted with. The reference's ~120k steps make this moot."""
+    embed = model.encoder.patch_embed
+    layers = [m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)]
+    saved = [(m.momentum, m.training) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None                      # cumulative average over every batch below
+        m.train()
+    for i in range(0, len(clouds), batch):
+        neighborhood, _ = group_points(clouds[i:i + batch], model.cfg.num_group, model.cfg.group_size)
+        embed(neighborhood)
+    for m, (momentum, training) in zip(layers, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 

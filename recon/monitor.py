@@ -1,15 +1,17 @@
 """Evidence while pretraining trains: is it helping yet?
 
-Per epoch (and at the end), on fixed subsets of train and test shapes (fixed points, fixed masks,
-eval mode, no gradient, every image/text target the trainer may draw):
+Per epoch (and at the end), on fixed subsets of train and test shapes (fixed points, eval mode,
+no gradient, every image/text target the trainer may draw), from **one** encoder pass per shape
+with every group visible (as zero-shot and the downstream tasks see them):
 
-- the distillation and reconstruction losses, next to the **mean-target baseline**: the loss of
-  always predicting the train split's mean target (for ``cosine``, its mean direction). A loss at
-  its baseline means nothing shape-specific was learned from that teacher;
+- the distillation losses next to the **mean-target baseline**: the loss of always predicting the
+  train split's mean target (for ``cosine``, its mean direction). A loss at its baseline means
+  nothing shape-specific was learned from that teacher; the reconstruction loss of the test
+  shapes under fixed masks;
 - a **probe** of the features: k-NN (k=5, cosine) on concat[CLS, IMG, TXT, max over patches] and a
   linear SVM (``LinearSVC(C=0.075)``, raw and train-standardised) on the reference SVM feature,
   test shapes classified from train shapes, for the model being trained and for the same
-  architecture at random init (seeded), so the two columns answer the question side by side.
+  architecture at random init (seeded: the trained model's own starting point), side by side.
 
 Nothing here draws from the global RNG: monitoring does not change what training computes.
 """
@@ -22,9 +24,9 @@ import numpy as np
 import torch
 
 from recon.data import PretrainStores, fixed_subset
-from recon.evaluate import batched, knn_probe, random_init_like, svm_accuracy
+from recon.evaluate import knn_probe, random_init_like, svm_accuracy
 from recon.losses import global_loss
-from recon.model import ReConPretrain
+from recon.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
 from recon.targets import TargetStats
 
 SPLITS = ("train", "test")
@@ -89,49 +91,64 @@ def expected_loss(pred: torch.Tensor, targets: torch.Tensor, kind: str) -> float
     return float(global_loss(pred.double(), targets.reshape(-1, dim).double(), kind))
 
 
+@dataclass
+class Encoded:
+    """What one encoder pass gives for a monitor set (numpy, float32)."""
+
+    features: np.ndarray      # [N, 4C] concat[CLS, IMG, TXT, max over patches]
+    svm: np.ndarray           # [N, 2C] the reference SVM feature
+    img: torch.Tensor         # [N, Di] img_proj(IMG)
+    text: torch.Tensor        # [N, Dt] text_proj(TXT)
+
+
 @torch.no_grad()
-def model_losses(model: ReConPretrain, s: MonitorSet, kind: str, batch: int, device) -> dict[str, float]:
-    """Reconstruction and distillation losses of ``model`` on a monitor set (eval mode, fixed masks)."""
+def encode(model: ReConPretrain, s: MonitorSet, batch: int, device) -> Encoded:
     was_training = model.training
     model.eval()
-    sums = {"rec": 0.0, "img": 0.0, "text": 0.0}
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    for i in range(0, len(s.rows), batch):
+        tokens = model.encode(torch.from_numpy(s.clouds[i:i + batch]).to(device))
+        for part, value in zip(parts, (head_input(tokens), svm_input(tokens), model.img_proj(tokens[:, 1]),
+                                       model.text_proj(tokens[:, 2]))):
+            part.append(value.float().cpu())
+    model.train(was_training)
+    features, svm, img, text = (torch.cat(p) for p in parts)
+    return Encoded(features.numpy(), svm.numpy(), img, text)
+
+
+@torch.no_grad()
+def reconstruction_loss(model: ReConPretrain, s: MonitorSet, batch: int, device) -> float:
+    """Chamfer-L2 of the masked groups under the set's fixed masks (eval mode)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
     for i in range(0, len(s.rows), batch):
         points = torch.from_numpy(s.clouds[i:i + batch]).to(device)
-        out = model(points, mask=s.masks[i:i + batch].to(device))
-        n = points.shape[0]
-        sums["rec"] += float(out["loss_rec"]) * n
-        if s.img is not None:
-            sums["img"] += expected_loss(out["img_proj"].cpu(), s.img[i:i + batch], kind) * n
-        if s.text is not None:
-            sums["text"] += expected_loss(out["text_proj"].cpu(), s.text[i:i + batch], kind) * n
+        total += float(model(points, mask=s.masks[i:i + batch].to(device))["loss_rec"]) * points.shape[0]
     model.train(was_training)
-    active = set(model.cfg.targets)
-    return {k: v / len(s.rows) for k, v in sums.items() if k in active}
+    return total / len(s.rows)
 
 
-@torch.no_grad()
-def probe(model: ReConPretrain, train: MonitorSet, test: MonitorSet, device, seed: int = 0,
-          by_part: bool = False) -> dict:
+def probe(train: Encoded, test: Encoded, train_labels: np.ndarray, test_labels: np.ndarray, width: int,
+          seed: int = 0, by_part: bool = False) -> dict:
     """k-NN on the 4C features and a linear SVM (raw and standardised) on the 2C SVM features,
     test shapes classified from train shapes (accuracies in %)."""
-    was_training = model.training
-    model.eval()
-    feats = {name: batched(lambda x: (model.features(x), model.svm_features(x)), s.clouds, 64, device)
-             for name, s in (("train", train), ("test", test))}
-    model.train(was_training)
-    (knn_train, svm_train), (knn_test, svm_test) = feats["train"], feats["test"]
-    result = {"knn": 100 * knn_probe(knn_train, train.labels, knn_test, test.labels)}
-    if len(np.unique(train.labels)) > 1:
-        result["svm"] = svm_accuracy(svm_train, train.labels, svm_test, test.labels, seed=seed)[1]
-        mean, std = svm_train.mean(0), svm_train.std(0) + 1e-6
-        result["svm_std"] = svm_accuracy((svm_train - mean) / std, train.labels, (svm_test - mean) / std,
-                                         test.labels, seed=seed)[1]
-        result["svm_feature_std"] = float(svm_train.std(0).mean())   # spread across shapes (scale collapse)
+    result = {"knn": 100 * knn_probe(train.features, train_labels, test.features, test_labels)}
+    if len(np.unique(train_labels)) > 1:
+        result["svm"] = svm_accuracy(train.svm, train_labels, test.svm, test_labels, seed=seed)[1]
+        mean, std = train.svm.mean(0), train.svm.std(0) + 1e-6
+        result["svm_std"] = svm_accuracy((train.svm - mean) / std, train_labels, (test.svm - mean) / std,
+                                         test_labels, seed=seed)[1]
     if by_part:
-        width = model.cfg.trans_dim
-        result["knn_by_part"] = {part: 100 * knn_probe(knn_train[:, k * width:(k + 1) * width], train.labels,
-                                                       knn_test[:, k * width:(k + 1) * width], test.labels)
+        result["knn_by_part"] = {part: 100 * knn_probe(train.features[:, k * width:(k + 1) * width], train_labels,
+                                                       test.features[:, k * width:(k + 1) * width], test_labels)
                                  for k, part in enumerate(PARTS)}
+        # the spread across shapes the raw SVM sees, per part of its feature (queries | patches)
+        half = train.svm.shape[1] // 2
+        result["svm_feature_spread"] = {"queries": float(train.svm[:, :half].std(0).mean()),
+                                        "patches": float(train.svm[:, half:].std(0).mean()),
+                                        "queries_offset": float(np.abs(train.svm[:, :half].mean(0)).mean()),
+                                        "patches_offset": float(np.abs(train.svm[:, half:].mean(0)).mean())}
     return result
 
 
@@ -141,9 +158,10 @@ class PretrainMonitor:
 
     def __init__(self, stores: PretrainStores, train_rows: np.ndarray, test_rows: np.ndarray, model: ReConPretrain,
                  kind: str, n_points: int, variants: range, stats: TargetStats | None, limit: int = 512,
-                 seed: int = 0, batch: int = 32, device="cpu"):
+                 seed: int = 0, batch: int = 32, device="cpu", calibration: torch.Tensor | None = None):
         self.kind, self.batch, self.device, self.seed = kind, batch, device, seed
         cfg = model.cfg
+        self.width = cfg.trans_dim
         self.sets = {name: monitor_set(stores, subset_rows(rows, limit, seed + k), n_points, seed, cfg.num_group,
                                        cfg.num_mask, variants, stats)
                      for k, (name, rows) in enumerate((("train", train_rows), ("test", test_rows))) if len(rows)}
@@ -157,28 +175,42 @@ class PretrainMonitor:
             for name, s in self.sets.items():
                 self.baselines[f"{name}_loss_{term}_baseline"] = expected_loss(constant.float(), getattr(s, term), kind)
         self.random_init = random_init_like(model, seed).to(device)
-        self.random_init.target_stats = stats
-        self.random_probe = self.probe(self.random_init) if self.can_probe else {}
+        if calibration is not None:  # the same evaluation procedure as the trained model gets
+            recalibrate_batchnorm(self.random_init, calibration)
+        self.random_encoded = self.encode(self.random_init)
+        self.random_probe = self.probe(self.random_encoded) if self.can_probe else {}
 
     @property
     def can_probe(self) -> bool:
         return "train" in self.sets and "test" in self.sets
 
-    def probe(self, model: ReConPretrain, by_part: bool = False) -> dict:
-        return probe(model, self.sets["train"], self.sets["test"], self.device, self.seed, by_part)
+    def encode(self, model: ReConPretrain) -> dict[str, Encoded]:
+        return {name: encode(model, s, self.batch, self.device) for name, s in self.sets.items()}
 
-    def record(self, model: ReConPretrain) -> dict[str, float]:
+    def probe(self, encoded: dict[str, Encoded], by_part: bool = False) -> dict:
+        return probe(encoded["train"], encoded["test"], self.sets["train"].labels, self.sets["test"].labels,
+                     self.width, self.seed, by_part)
+
+    def record(self, model: ReConPretrain, encoded: dict[str, Encoded] | None = None) -> dict[str, float]:
         """Flat numbers for one row of history.csv."""
+        encoded = encoded or self.encode(model)
         out: dict[str, float] = {}
+        active = set(model.cfg.targets)
         for name, s in self.sets.items():
-            for term, value in model_losses(model, s, self.kind, self.batch, self.device).items():
+            for term in ("img", "text"):
+                targets = getattr(s, term)
+                if term not in active or targets is None:
+                    continue
+                value = expected_loss(getattr(encoded[name], term), targets, self.kind)
                 out[f"{name}_loss_{term}"] = value
                 baseline = self.baselines.get(f"{name}_loss_{term}_baseline")
                 if baseline is not None:
                     out[f"{name}_loss_{term}_baseline"] = baseline
                     out[f"{name}_loss_{term}_ratio"] = value / baseline if baseline > 0 else float("nan")
+        if "rec" in active and "test" in self.sets:
+            out["test_loss_rec"] = reconstruction_loss(model, self.sets["test"], self.batch, self.device)
         if self.can_probe:
-            current = self.probe(model)
+            current = self.probe(encoded)
             for key in ("knn", "svm", "svm_std"):
                 if key in current:
                     out[f"probe_{key}"] = current[key]
@@ -188,8 +220,9 @@ class PretrainMonitor:
     def final(self, model: ReConPretrain) -> dict:
         """The end-of-run section of metrics.json: the record, the probe per feature part and the
         feature spread behind the raw-SVM figure, for the model and for random init."""
-        out: dict = {"record": self.record(model), "shapes": {k: int(len(s.rows)) for k, s in self.sets.items()}}
+        encoded = self.encode(model)
+        out: dict = {"record": self.record(model, encoded), "shapes": {k: int(len(s.rows)) for k, s in self.sets.items()}}
         if self.can_probe:
-            out["probe"] = {"pretrained": self.probe(model, by_part=True),
-                            "random_init": self.probe(self.random_init, by_part=True)}
+            out["probe"] = {"pretrained": self.probe(encoded, by_part=True),
+                            "random_init": self.probe(self.random_encoded, by_part=True)}
         return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
@@ -29,7 +30,7 @@ from recon import trainstate
 from recon.cudagraph import GraphedForwardBackward
 from recon.data import PretrainDataset, open_pretrain_stores, variant_choices
 from recon.distributed import Dist, setup, teardown
-from recon.model import ReConConfig, ReConPretrain
+from recon.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
 from recon.monitor import PretrainMonitor
 from recon.optim import Schedule, adamw, set_lr
 from recon.targets import TARGET_NORMS, compute_target_stats
@@ -60,6 +61,8 @@ class PretrainParams:
     target_norm: str = "none"      # none (the reference: raw teacher features) | store (train-split mean/std)
     image_variants: str = "augmented"  # with A > 1 stored variants: augmented (1..A-1) | all (0 = clean too)
     monitor_shapes: int = 512      # per split, for the per-epoch losses/baselines/probe; 0 = no monitor
+    monitor_every: int = 1         # epochs between monitor records (the last epoch always has one)
+    bn_recalibrate: int = 0        # > 0: re-estimate BatchNorm running stats on this many train clouds each epoch
     seed: int = 0
     loader_workers: int = 0
     device: str = "auto"
@@ -143,10 +146,13 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                                      train_rows if len(train_rows) else stores.rows,
                                      slice(variants.start, variants.stop))
     model.target_stats = stats
+    calibration = None
+    if p.bn_recalibrate > 0:  # fixed augmented train clouds for precise BatchNorm statistics (no global RNG)
+        calibration = calibration_clouds(stores, p.bn_recalibrate, p.n_points, p.rotate, p.seed).to(d.device)
     monitor = None
-    if p.monitor_shapes > 0 and d.is_main:  # built before training: its random-init twin is the untrained model's config
+    if p.monitor_shapes > 0 and d.is_main:  # built before training: its random-init twin is the untrained model
         monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
-                                  p.monitor_shapes, p.seed, device=d.device)
+                                  p.monitor_shapes, p.seed, device=d.device, calibration=calibration)
     optimizer = adamw(model, p.weight_decay, p.lr)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
@@ -232,8 +238,11 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
                   **{("loss" if k == "loss" else f"loss_{k}"): sums[k] / max(seen, 1) for k in sums},
                   "samples_per_s": seen * d.world / elapsed, "data_s": t_data, "epoch_s": elapsed}
-        if monitor is not None:  # eval mode, fixed inputs, no global RNG: training is unchanged
-            t = time.perf_counter()
+        t = time.perf_counter()
+        if calibration is not None:  # eval-mode statistics that match the weights (train mode ignores them)
+            recalibrate_batchnorm(model, calibration)
+        if monitor is not None and ((epoch + 1) % max(p.monitor_every, 1) == 0 or epoch + 1 == p.epochs):
+            # eval mode, fixed inputs, no global RNG: training is unchanged
             record.update(monitor.record(model))
             record["monitor_s"] = time.perf_counter() - t
         history.append(record)
@@ -251,6 +260,13 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     if d.is_main and history:  # also when a finished run is resumed (dvc removes outputs first)
         trainstate.write_history(out, history)
     return {"history": history, "model": model, "stores": stores, "monitor": monitor, "stats": stats}
+
+
+def calibration_clouds(stores, count: int, n_points: int, rotate: bool, seed: int) -> torch.Tensor:
+    """``count`` training clouds as the trainer draws them (subset, rotation), fixed by ``seed``."""
+    data = PretrainDataset(stores, n_points, rotate, seed + 7919)
+    rows = np.random.default_rng(seed).permutation(len(data))[:count]
+    return torch.stack([data[int(i)]["points"] for i in rows])
 
 
 RUNTIME_ONLY = ("device", "loader_workers", "compile", "cuda_graph", "keep_last", "max_steps")
