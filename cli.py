@@ -154,6 +154,19 @@ def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | ba
     _run(stage.run, p)
 
 
+@app.command("study")
+def study(out: Optional[Path] = typer.Option(None, help="output folder [params: study.out]"),
+          arms: Optional[str] = typer.Option(None, help="comma list of arms [params: study.arms]"),
+          modelnet40_root: Optional[Path] = typer.Option(None, help="modelnet40_normal_resampled folder to evaluate on too [params: study.modelnet40_root]"),
+          quick: bool = typer.Option(False, "--quick", help="a smoke run: tiny student, a few steps")) -> None:
+    """The ablation study: random init, reconstruction only, distillation only, ReCon raw / standardised targets."""
+    from stages import study as stage
+
+    p = stage.params(dict(out=str(out) if out else None, arms=arms.replace(",", " ").split() if arms else None,
+                          modelnet40_root=str(modelnet40_root) if modelnet40_root else None, quick=quick or None))
+    _run(stage.run, p)
+
+
 show_app = typer.Typer(help="Pictures for a person to look at.", no_args_is_help=True)
 app.add_typer(show_app, name="show")
 

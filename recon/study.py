@@ -1,0 +1,217 @@
+"""The ablation study: does pretraining help, and which part of ReCon does?
+
+Arms (equal budgets: every pretrained arm runs the same ``PretrainParams`` and differs only in the
+overrides below): random init (no pretraining), reconstruction only (Point-MAE), distillation only,
+full ReCon on raw targets, full ReCon on standardised targets. Each encoder is evaluated on the
+held-out (test) split of every downstream store by
+
+- k-NN (cosine, k = 5, or 1 when some class has fewer than 5 train shapes) on the 4C features,
+- linear SVM (``LinearSVC(C=0.075)``) on the reference 2C features, raw and train-standardised,
+- few-shot: N-way K-shot episodes over folds, a fine-tune per fold (mean ± std over folds),
+- fine-tuning from the encoder with several seeds (mean ± std over seeds),
+
+and, per arm, the monitor's held-out probe after every pretraining epoch (the plot). Results go to
+``results.json``, ``table.md`` and ``probe_vs_epochs.png``; an arm's finished results are reused
+when the study is run again with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recon import trainstate
+from recon.data import open_pretrain_stores
+from recon.evaluate import FewshotSettings, batched, fewshot_eval, knn_probe, svm_accuracy
+from recon.finetune import ClsData, FinetuneParams, InitSource, eval_clouds, finetune
+from recon.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
+from recon.pretrain import PretrainParams, build_model, calibration_clouds, train
+
+#: arm -> PretrainParams overrides (None: no pretraining)
+ARMS: dict[str, dict | None] = {
+    "random_init": None,
+    "rec_only": {"targets": ["rec"]},
+    "distill_only": {"targets": ["img", "text"]},
+    "recon_raw": {"targets": ["rec", "img", "text"], "target_norm": "none"},
+    "recon_std": {"targets": ["rec", "img", "text"], "target_norm": "store"},
+    # the released configuration, for reference: raw targets, SmoothL1, no BatchNorm recalibration
+    "recon_reference": {"targets": ["rec", "img", "text"], "target_norm": "none", "global_loss": "smooth_l1",
+                        "bn_recalibrate": 0},
+}
+LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-MAE)",
+          "distill_only": "distillation only", "recon_raw": "ReCon, raw targets",
+          "recon_std": "ReCon, standardised targets", "recon_reference": "ReCon, reference settings"}
+
+
+@dataclass
+class StudyParams:
+    arms: list[str] = field(default_factory=lambda: ["random_init", "rec_only", "distill_only", "recon_raw",
+                                                     "recon_std"])
+    pretrain: dict = field(default_factory=dict)      # PretrainParams shared by every arm (equal budgets)
+    stores: dict = field(default_factory=dict)        # name -> classification store (held-out = its test split)
+    knn_k: int = 5
+    finetune: dict = field(default_factory=lambda: {"profile": "demo", "votes": 0})   # FinetuneParams overrides
+    finetune_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fewshot: dict = field(default_factory=lambda: {"ways": [5], "shots": [5], "folds": 5, "query": 5})
+    fewshot_finetune: dict = field(default_factory=lambda: {"profile": "demo", "votes": 0})
+    seed: int = 0
+    device: str = "auto"
+
+
+def arm_params(p: StudyParams, arm: str) -> PretrainParams:
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+    values = {"seed": p.seed, "device": p.device, **p.pretrain, **(ARMS[arm] or {})}
+    return PretrainParams(**values)
+
+
+def encoder_for(p: StudyParams, arm: str, cache: Path, out: Path, log=print) -> tuple[ReConPretrain, list[dict]]:
+    """The arm's encoder (pretrained, or its random init) and its pretraining history."""
+    pp = arm_params(p, arm)
+    if ARMS[arm] is not None:
+        result = train(pp, cache, out / "pretrain", log=log)
+        return result["model"].eval(), result["history"]
+    # random init: exactly the starting point of every pretrained arm (same seed, same config),
+    # evaluated with the same procedure (BatchNorm statistics recalibrated when they are)
+    stores = open_pretrain_stores(cache, "img" in pp.targets, "text" in pp.targets)
+    torch.manual_seed(pp.seed)
+    model = build_model(pp, stores.image_dim, stores.text_dim)
+    if pp.bn_recalibrate > 0:
+        train_rows = stores.rows[stores.shapes["split"].to_numpy()[stores.rows] == "train"]
+        stores = dataclasses.replace(stores, rows=train_rows) if pp.split == "train" else stores
+        recalibrate_batchnorm(model, calibration_clouds(stores, pp.bn_recalibrate, pp.n_points, pp.rotate, pp.seed))
+    return model.eval(), []
+
+
+@torch.no_grad()
+def frozen_probe(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int, k: int, seed: int,
+                 device) -> dict[str, float]:
+    """k-NN on the 4C features and the linear SVM (raw, standardised) on the 2C features, in %."""
+    model.eval().to(device)
+
+    def both(x):
+        tokens = model.encode(x)
+        return head_input(tokens), svm_input(tokens)
+
+    (knn_tr, svm_tr), (knn_te, svm_te) = (batched(both, eval_clouds(d, n_points, True, device), 64, device)
+                                          for d in (train, test))
+    k = k if np.bincount(train.labels).min() >= k else 1
+    mean, std = svm_tr.mean(0), svm_tr.std(0) + 1e-6
+    return {"knn": 100 * knn_probe(knn_tr, train.labels, knn_te, test.labels, k), "knn_k": k,
+            "svm": svm_accuracy(svm_tr, train.labels, svm_te, test.labels, seed=seed)[1],
+            "svm_std": svm_accuracy((svm_tr - mean) / std, train.labels, (svm_te - mean) / std, test.labels,
+                                    seed=seed)[1]}
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
+
+
+def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str, tuple[ClsData, ClsData]],
+                 log=print) -> dict[str, Any]:
+    from recon.distributed import pick_device
+
+    device = pick_device(p.device)
+    init = InitSource(model.state_dict(), trainstate.jsonable(model.cfg), f"study arm {arm}")
+    pp = arm_params(p, arm)
+    result: dict[str, Any] = {}
+    for name, (train_set, test_set) in data.items():
+        r = frozen_probe(model, train_set, test_set, pp.n_points, p.knn_k, p.seed, device)
+        ft = FinetuneParams(**{"device": p.device, **p.finetune})
+        accs = [finetune(ft, train_set, test_set, seed, init=init, log=lambda *_: None).metrics["test_acc"]
+                for seed in p.finetune_seeds]
+        r["finetune"] = mean_std(accs)
+        fs = FinetuneParams(**{"device": p.device, **p.fewshot_finetune})
+        settings = FewshotSettings(**{k: v for k, v in p.fewshot.items()}, seed=p.seed)
+        try:
+            r["fewshot"] = fewshot_eval(train_set, test_set, settings, fs, init, log=lambda *_: None)
+        except ValueError as err:   # too few shapes per class for the episode
+            r["fewshot"] = {"skipped": str(err)}
+        log(f"study {arm} on {name}: k-NN {r['knn']:.1f}, SVM {r['svm']:.1f} / {r['svm_std']:.1f} standardised, "
+            f"fine-tune {r['finetune']['mean']:.1f} ± {r['finetune']['std']:.1f}")
+        result[name] = r
+    return result
+
+
+def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, Any]:
+    """Every arm: pretrain (or not), evaluate on every store; write results, table and plot."""
+    from recon.finetune import load_classification
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = {name: (load_classification(path, "train"), load_classification(path, "test"))
+            for name, path in p.stores.items()}
+    identity = {"study": trainstate.jsonable(p), "code": trainstate.code_fingerprint(
+        "recon.study", "recon.pretrain", "recon.monitor", "recon.targets", "recon.model", "recon.finetune",
+        "recon.evaluate")}
+    results: dict[str, Any] = {}
+    for arm in p.arms:
+        done = out / arm / "result.json"
+        if done.exists() and json.loads(done.read_text()).get("identity") == identity:
+            results[arm] = json.loads(done.read_text())
+            log(f"study {arm}: reusing {done}")
+            continue
+        model, history = encoder_for(p, arm, cache, out / arm, log)
+        record = {"identity": identity, "params": trainstate.jsonable(arm_params(p, arm)),
+                  "history": history, "stores": evaluate_arm(p, model, arm, data, log)}
+        trainstate.write_json(done, record)
+        results[arm] = record
+    summary = {"arms": {arm: {"stores": r["stores"], "params": r["params"],
+                              "history": [{k: v for k, v in h.items() if k == "epoch" or k.startswith(("probe_", "test_loss"))}
+                                          for h in r["history"]]} for arm, r in results.items()},
+               "finetune_seeds": p.finetune_seeds, "fewshot": p.fewshot, "stores": p.stores}
+    trainstate.write_json(out / "results.json", summary)
+    (out / "table.md").write_text(table(summary))
+    plot(summary, out / "probe_vs_epochs.png")
+    return summary
+
+
+def _pm(entry: dict | None) -> str:
+    if not entry or "mean" not in entry:
+        return "–"
+    return f"{entry['mean']:.1f} ± {entry['std']:.1f}"
+
+
+def table(summary: dict) -> str:
+    """Markdown: one row per (store, arm), the held-out figures."""
+    lines = ["| store | arm | k-NN | SVM raw | SVM std. | few-shot | fine-tune |", "|---|---|---|---|---|---|---|"]
+    stores = list(next(iter(summary["arms"].values()))["stores"]) if summary["arms"] else []
+    for store in stores:
+        for arm, r in summary["arms"].items():
+            s = r["stores"][store]
+            fewshot = "; ".join(f"{k} {_pm(v)}" for k, v in s["fewshot"].items() if isinstance(v, dict)) or "–"
+            lines.append(f"| {store} | {LABELS.get(arm, arm)} | {s['knn']:.1f} (k={s['knn_k']}) | {s['svm']:.1f} | "
+                         f"{s['svm_std']:.1f} | {fewshot} | {_pm(s['finetune'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Held-out probe (k-NN and standardised SVM on the pretraining test split) vs pretraining epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, key, title in zip(axes, ("probe_knn", "probe_svm_std"), ("k-NN (k=5)", "linear SVM, standardised")):
+        baseline = None
+        for arm, r in summary["arms"].items():
+            rows = [h for h in r["history"] if key in h]
+            if rows:
+                ax.plot([h["epoch"] + 1 for h in rows], [h[key] for h in rows], marker="o", label=LABELS.get(arm, arm))
+                baseline = rows[0].get(f"{key}_random_init", baseline)
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linestyle="--", label="random init")
+        ax.set_title(f"held-out {title}")
+        ax.set_xlabel("pretraining epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Stage `study` (not part of `dvc repro`: it takes tens of minutes): the ablation study of
+recon/study.py on the demo cache, evaluated on the held-out splits of the demo's downstream store
+and of ModelNet40 files when given (``modelnet40_root``, converted once into the study folder).
+
+Every arm pretrains with the ``pretrain`` section of params.yaml (the demo's budget) plus
+``study.pretrain``; ``quick`` shrinks everything to a smoke run (the tests use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from recon.pretrain import PretrainParams
+from recon.study import StudyParams, run_study
+from stages.common import StageError, cache_dir, console, load_params
+
+#: a smoke run: a few steps of a small student, one fine-tune epoch, one few-shot fold
+SMALL = {"n_points": 256, "num_group": 16, "group_size": 16}
+QUICK = {"pretrain": {"model": {"trans_dim": 48, "depth": 2, "decoder_depth": 1, "num_heads": 3, "decoder_num_heads": 3,
+                                "num_group": 16, "group_size": 16},
+                      "epochs": 2, "batch_size": 8, "n_points": 256, "warmup_epochs": 1, "monitor_shapes": 64,
+                      "bn_recalibrate": 16, "keep_last": 1},
+         "finetune": {"profile": "demo", "votes": 0, "epochs": 1, "warmup_epochs": 0, "batch_size": 8, **SMALL},
+         "fewshot": {"ways": [2], "shots": [2], "folds": 2, "query": 1},
+         "fewshot_finetune": {"profile": "demo", "votes": 0, "epochs": 1, "warmup_epochs": 0, "batch_size": 4, **SMALL},
+         "finetune_seeds": [0, 1]}
+
+
+@dataclass
+class StudyStageParams(StudyParams):
+    out: str = "cache/study"
+    demo_store: str = "cache/downstream/demo.zarr"
+    modelnet40_root: str | None = None      # modelnet40_normal_resampled files, converted once (test split held out)
+    modelnet40_points: int = 1024
+    quick: bool = False
+
+
+def params(overrides: dict | None = None) -> StudyStageParams:
+    return load_params(StudyStageParams, "study", overrides)
+
+
+def study_params(p: StudyStageParams, stores: dict[str, str]) -> StudyParams:
+    """The library's params: every arm's pretraining = params.yaml ``pretrain`` + ``study.pretrain``."""
+    pretrain = dataclasses.asdict(load_params(PretrainParams, "pretrain"))
+    values = {f.name: getattr(p, f.name) for f in dataclasses.fields(StudyParams)}
+    values.update(pretrain={**pretrain, **p.pretrain}, stores=stores)
+    if p.quick:
+        values.update({k: v for k, v in QUICK.items() if k != "pretrain"})
+        values["pretrain"] = {**values["pretrain"], **QUICK["pretrain"]}
+    return StudyParams(**values)
+
+
+def run(p: StudyStageParams, cache: Path | None = None) -> dict:
+    cache = cache or cache_dir()
+    out = Path(p.out)
+    stores = dict(p.stores) or {}
+    if not stores:
+        if not Path(p.demo_store).exists():
+            raise StageError(f"{p.demo_store} not found: run `recon convert` (or `dvc repro convert`) first")
+        stores["demo"] = p.demo_store
+        if p.modelnet40_root:
+            if not Path(p.modelnet40_root).is_dir():
+                raise StageError(f"modelnet40_root {p.modelnet40_root} is not a folder")
+            from pipeline.convert import convert_modelnet
+            store = out / f"modelnet40-{p.modelnet40_points}.zarr"
+            convert_modelnet(p.modelnet40_root, store, p.modelnet40_points, log=console.print)
+            stores["modelnet40"] = str(store)
+    summary = run_study(study_params(p, stores), cache, out, log=console.print)
+    console.print(f"[green]study: done → {out / 'table.md'}, {out / 'probe_vs_epochs.png'}[/]")
+    console.print((out / "table.md").read_text())
+    return summary
