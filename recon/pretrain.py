@@ -36,6 +36,8 @@ from recon.optim import Schedule, adamw, set_lr
 from recon.targets import TARGET_NORMS, compute_target_stats
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
+#: parameter names of the distillation side (with stop-grad, only the distillation losses train them)
+QUERY_SIDE = (".query_", "encoder.cls_", "encoder.img_", "encoder.text_", "img_proj.", "text_proj.")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class PretrainParams:
     monitor_shapes: int = 512      # per split, for the per-epoch losses/baselines/probe; 0 = no monitor
     monitor_every: int = 1         # epochs between monitor records (the last epoch always has one)
     bn_recalibrate: int = 0        # > 0: re-estimate BatchNorm running stats on this many train clouds each epoch
+    query_lr_scale: float = 1.0    # lr multiplier of the query branch, query tokens and projections (distillation side)
     seed: int = 0
     loader_workers: int = 0
     device: str = "auto"
@@ -153,7 +156,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     if p.monitor_shapes > 0 and d.is_main:  # built before training: its random-init twin is the untrained model
         monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
                                   p.monitor_shapes, p.seed, device=d.device, calibration=calibration)
-    optimizer = adamw(model, p.weight_decay, p.lr)
+    optimizer = adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
     state = trainstate.resume(ckpt_dir, run_identity(p, stores), d, log, "pretrain")

@@ -68,16 +68,20 @@ def test_repro_then_noop_then_partial_rerun(project):
     assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
                            "finetune", "evaluate", "export"}
     pretrain = json.loads((project / "cache" / "pretrain" / "metrics.json").read_text())
-    assert {"loss_img_constant_baseline", "loss_text_constant_baseline"} <= set(pretrain)
-    assert set(pretrain["probe"]["knn5_test_acc_pretrained_by_part"]) == {"cls", "img", "txt", "pooled"}
+    for term in ("img", "text"):
+        assert pretrain[f"test_loss_{term}_ratio"] == pytest.approx(
+            pretrain[f"test_loss_{term}"] / pretrain[f"test_loss_{term}_baseline"])
+    assert set(pretrain["probe"]["pretrained"]["knn_by_part"]) == {"cls", "img", "txt", "pooled"}
+    assert pretrain["probe"]["pretrained"]["knn"] == pretrain["probe_knn"]
+    assert pretrain["test_shapes_held_out"] is True and pretrain["target_norm"] == "store"
     evaluation = json.loads((project / "cache" / "evaluate" / "metrics.json").read_text())
-    assert {"svm", "zeroshot"} <= set(evaluation)
+    assert {"svm", "zeroshot", "random_init"} <= set(evaluation)
     second = _dvc(project, "repro")
     assert _ran(second) == set(), second
     metrics = _dvc(project, "metrics", "show")
     assert "loss_rec" in metrics and "cache/finetune/metrics.json" in metrics
     plots = _dvc(project, "plots", "show", "--json")
-    assert "confusion" in plots
+    assert "confusion" in plots and "probe_knn_random_init" in plots and "test_loss_text_ratio" in plots
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["render"]["resolution"] = 48
