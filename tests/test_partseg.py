@@ -1,18 +1,20 @@
 """The part-segmentation network: its parameter count against one derived by hand from the
 reference's layer shapes, its forward against the reference's computation written out literally,
-its key names against the reference's, checkpoint loading."""
+its key names against the reference's, checkpoint loading, and the ONNX export."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import reference_dir
 from recon.checkpoint import detect_kind, ours_to_reference, reference_to_ours
+from recon.export import check_partseg_onnx, export_partseg_onnx
 from recon.model import ReConConfig, ReConPretrain
 from recon.partseg import PartSegConfig, ReConPartSeg, load_encoder, reference_encoder_config
 from recon.pointops import group_points
@@ -217,3 +219,19 @@ def test_a_checkpoint_without_encoder_weights_is_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="lacks encoder weights"):
         load_encoder(model, {"decoder.norm.weight": torch.ones(48)})
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def test_onnx_logits_match_torch(tmp_path):
+    model = tiny_model()
+    path = export_partseg_onnx(model, tmp_path / "seg.onnx", n_points=256)
+    rng = np.random.default_rng(1)
+    for batch, n in ((2, 256), (3, 300), (1, 128)):
+        category = rng.integers(0, 3, batch)
+        diff = check_partseg_onnx(path, model, rng.normal(size=(batch, n, 3)).astype(np.float32), category)
+        assert diff <= 1e-4
+    with pytest.raises(AssertionError, match="differ from torch"):
+        model.head.conv3.bias.data += 1e-2                         # the check does catch a mismatch
+        check_partseg_onnx(path, model, rng.normal(size=(1, 128, 3)), np.zeros(1))
