@@ -4,7 +4,8 @@ part-segmentation store (``pipeline/partseg.py``) from ShapeNetPart (``shapenetp
 demo meshes' parts (``demo-parts``, source: the cache folder).
 
 Unreadable rows (listed-but-missing files, too few points) are recorded in
-``cache/failures/convert.parquet`` and never stop the stage (unless ``strict``).
+``cache/failures/convert.parquet`` (``convert-<format>.parquet`` for the part-segmentation formats)
+and never stop the stage (unless ``strict``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def run(p: ConvertParams) -> list[C.ConvertResult]:
         else:
             results = [C.convert_points(src, out, p.points, **common)]
     failures = [f for r in results for f in r.failures]
-    path = write_failures("convert", failures)
+    # part-segmentation formats get their own table, so their DVC stage does not share an output
+    path = write_failures("convert" if p.format in C.FORMATS else f"convert-{p.format}", failures)
     for r in results:
         console.print(f"[green]convert: {r.rows - r.failed}/{r.rows} shapes → {r.path}[/]")
     summarise("convert", sum(r.rows for r in results), len(failures), timer.seconds, p.strict, path)

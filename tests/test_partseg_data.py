@@ -8,13 +8,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from pipeline import partseg as PS
 from pipeline.demo import _GENERATORS, build_shape, generate_demo
-from pipeline.demo_parts import DEMO_PARTS, convert_demo_parts, part_index, read_obj_parts, sample_parts
+from pipeline.demo_parts import DEMO_PARTS, part_index, read_obj_parts, sample_parts
 from pipeline.discover import build_table
 from pipeline.meshes import load_mesh
 from pipeline.store import open_store, read_failure_log
@@ -146,6 +147,9 @@ def test_convert_cli_shapenetpart(tmp_path, monkeypatch):
     store = open_store(tmp_path / "sp.zarr")
     assert store["points"].shape == (6, 16, 3) and int(store.ok.sum()) == 3
     assert store.params["format"] == "shapenetpart" and store.params["sampling"] == "subset"
+    failures = pl.read_parquet(tmp_path / "cache" / "failures" / "convert-shapenetpart.parquet")
+    assert sorted(failures["id"]) == [f"{PLANE}-p3", f"{MUG}-m2", f"{MUG}-m3"]
+    assert not (tmp_path / "cache" / "failures" / "convert.parquet").exists()   # the classification table
 
 
 # ----------------------------------------------------------------------------- demo parts
@@ -193,13 +197,17 @@ def test_demo_obj_reading_errors(tmp_path):
         part_index("12345678")
 
 
-def test_demo_part_store(tmp_path):
+def test_demo_part_store(tmp_path, monkeypatch):
+    from stages import convert as stage
+
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path))
     paths = generate_demo(tmp_path / "meshes", shapes_per_category=3, seed=0, categories=["chair", "mug"])
     before = {p: p.read_bytes() for p in paths}
     table, _, _ = build_table(tmp_path / "meshes", test_fraction=0.34, seed=0)
     table.write_parquet(tmp_path / "shapes.parquet")
-    result = convert_demo_parts(tmp_path, tmp_path / "demo_parts.zarr", n_points=256, log=lambda *_: None)
-    assert result.failed == 0
+    [result] = stage.run(stage.ConvertParams(format="demo-parts", source=str(tmp_path), points=256,
+                                             out=str(tmp_path / "demo_parts.zarr")))
+    assert result.failed == 0 and (tmp_path / "failures" / "convert-demo-parts.parquet").exists()
     store = open_store(tmp_path / "demo_parts.zarr")
     assert store.ids.tolist() == table["id"].to_list() and store.ok.all()
     assert store.params["class_names"] == ["chair", "mug"]
