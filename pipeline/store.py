@@ -337,26 +337,92 @@ def open_store(path: str | Path, expect_ids: Sequence[str] | None = None,
     return Store(path=path, group=group, ids=ids, ok=ok, attrs=attrs)
 
 
-def to_polars(path: str | Path, shapes: str | Path | None = None):
-    """A store as a polars DataFrame: id, ok, (category, split from the shapes table), and every
-    data array as a fixed-size ``pl.Array`` column (one row per shape)."""
+def find_shapes(store_path: str | Path) -> Path | None:
+    """The ``shapes.parquet`` next to a store, or one folder up (``cache/teachers/image.zarr``)."""
+    store_path = Path(store_path)
+    return next((d / "shapes.parquet" for d in (store_path.parent, store_path.parent.parent)
+                 if (d / "shapes.parquet").exists()), None)
+
+
+def _polars_dtype(arr: zarr.Array):
+    """The polars type of one row of a data array: strings, or numbers (float16 read as float32,
+    which polars has; rows of ndim >= 1 become a fixed-size ``pl.Array``)."""
     import polars as pl
 
+    if arr.dtype.kind in "OTU":
+        return pl.String
+    dtype = np.float32 if arr.dtype == np.float16 else arr.dtype
+    return pl.Series(np.empty((0, *arr.shape[1:]), dtype=dtype)).dtype
+
+
+def scan(path: str | Path, shapes: str | Path | None = None):
+    """A store as a polars LazyFrame, read one chunk of rows at a time.
+
+    Columns: ``id``, ``category`` and ``split`` (from the shapes table, found next to the store
+    or given; not for the text store, whose rows are categories), ``ok``, then every per-row data
+    array as a ``pl.Array`` column (float16 as float32). A query decodes only the arrays it
+    selects; a filter on the cheap columns (id, category, split, ok) runs before any array of a
+    chunk is decoded and skips chunks it rejects whole; ``head(n)`` stops reading after n rows.
+    Batches are the store's chunks of rows, so streaming queries (group_by, sink_parquet,
+    ``collect_batches``, ``collect(engine="streaming")``) run in memory bounded by a few chunks.
+    """
+    import polars as pl
+    from polars.io.plugins import register_io_source
+
     store = open_store(path)
-    columns: dict[str, Any] = {"id": store.ids, "ok": store.ok}
-    for name in store.data_arrays():
-        if store[name].shape[0] != store.ids.size:
-            continue  # not per row (e.g. templates)
-        values = np.asarray(store[name][:])
-        if values.dtype.kind == "f":
-            values = values.astype(np.float32)  # polars has no float16
-        columns[name] = pl.Series(name, values)  # rows of ndim > 1 become pl.Array
-    frame = pl.DataFrame(columns)
-    shapes = Path(shapes) if shapes else next(
-        (d / "shapes.parquet" for d in (store.path.parent, store.path.parent.parent)
-         if (d / "shapes.parquet").exists()), None)
+    n = int(store.ids.size)
+    cheap: dict[str, pl.Series] = {"id": pl.Series("id", store.ids.astype(str), dtype=pl.String)}
+    shapes = Path(shapes) if shapes else find_shapes(store.path)
     if shapes is not None and shapes.exists() and not store.rows_are_categories:
-        table = pl.read_parquet(shapes).select(["id", "category", "split"])
-        frame = frame.join(table, on="id", how="left").select(
-            ["id", "category", "split", *[c for c in frame.columns if c != "id"]])
-    return frame
+        table = pl.read_parquet(shapes, columns=["id", "category", "split"]).unique("id", keep="first")
+        aligned = cheap["id"].to_frame().join(table, on="id", how="left", maintain_order="left")
+        cheap.update(category=aligned["category"].cast(pl.String), split=aligned["split"].cast(pl.String))
+    cheap["ok"] = pl.Series("ok", store.ok)
+    arrays = [name for name in store.data_arrays() if store[name].shape[0] == n]  # not e.g. templates
+    schema = {**{name: column.dtype for name, column in cheap.items()},
+              **{name: _polars_dtype(store[name]) for name in arrays}}
+    step = max(int(store["ok"].chunks[0]), *(int(store[name].chunks[0]) for name in arrays), 1)
+
+    def read_array(name: str, lo: int, hi: int, keep: np.ndarray | None) -> pl.Series:
+        values = np.asarray(store[name][lo:hi])  # whole chunks: zarr decodes chunks anyway
+        if keep is not None:
+            values = values[keep]
+        if schema[name] == pl.String:
+            return pl.Series(name, values.astype(str), dtype=pl.String)
+        return pl.Series(name, values.astype(np.float32) if values.dtype == np.float16 else values)
+
+    def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                batch_size: int | None):
+        wanted = list(with_columns) if with_columns is not None else list(schema)
+        roots = predicate.meta.root_names() if predicate is not None else []
+        needed = list(dict.fromkeys([*wanted, *roots]))
+        early = bool(roots) and all(c in cheap for c in roots)  # decide rows before decoding arrays
+        left = n_rows
+        for lo in range(0, n, step):
+            if left is not None and left <= 0:
+                return
+            hi = min(lo + step, n)
+            columns = [cheap[c].slice(lo, hi - lo) for c in needed if c in cheap]
+            keep = None
+            if early:
+                keep = pl.DataFrame(columns).select(predicate.fill_null(False)).to_series().to_numpy()
+                if not keep.any():
+                    continue
+                columns = [column.filter(keep) for column in columns]
+            frame = pl.DataFrame(columns + [read_array(c, lo, hi, keep) for c in needed if c not in cheap])
+            if predicate is not None and not early:
+                frame = frame.filter(predicate)
+            frame = frame.select(wanted)
+            if left is not None:
+                frame = frame.head(left)
+                left -= frame.height
+            yield frame
+
+    return register_io_source(batches, schema=schema, is_pure=True, explain_name="recon store",
+                              explain_detail=str(store.path))
+
+
+def to_polars(path: str | Path, shapes: str | Path | None = None):
+    """A store as one polars DataFrame (``scan(path, shapes).collect()``): fine for small stores;
+    use :func:`scan` for anything that does not fit in memory twice."""
+    return scan(path, shapes).collect()

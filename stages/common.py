@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -38,6 +39,24 @@ class StageError(RuntimeError):
 def cache_dir() -> Path:
     """Where stores live: ``$RECON_CACHE`` or ``./cache``."""
     return Path(os.environ.get("RECON_CACHE", "cache"))
+
+
+def metrics_dir(out: Path) -> Path:
+    """Where a stage whose outputs live in ``cache/<stage>`` writes what ``dvc metrics`` and
+    ``dvc plots`` compare (metrics.json, history.csv, confusion.csv): ``cache/metrics/<stage>``.
+    Unlike the rest of cache/ these small files are tracked by git (``cache: false`` in dvc.yaml),
+    so every commit and every ``dvc exp`` carries its results; models, checkpoints, images and
+    stores stay in ``cache/<stage>``, cached by DVC."""
+    return out.parent / "metrics" / out.name
+
+
+def publish(src: Path, dst: Path) -> Path:
+    """Copy a small result file to its git-tracked place atomically (temporary file, then rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    return dst
 
 
 def params_file() -> Path:

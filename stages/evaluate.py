@@ -1,9 +1,9 @@
 """Stage `evaluate`: downstream evaluations of the pretrained encoder.
 
 Tasks: ``svm`` (linear SVM on frozen features), ``zeroshot`` (text-teacher prototypes, test split
-only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). Outputs
-(``cache/evaluate/``): ``metrics.json`` (one section per task) and, for zero-shot,
-``zeroshot/confusion.csv`` + ``confusion.png``.
+only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). Outputs:
+``cache/evaluate/zeroshot/confusion.png`` and, git-tracked in ``cache/metrics/evaluate/``,
+``metrics.json`` (one section per task) and ``zeroshot/confusion.csv``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from recon.finetune import (
     load_init,
     write_confusion,
 )
-from stages.common import StageError, cache_dir, console, load_params
+from stages.common import StageError, cache_dir, console, load_params, metrics_dir, publish
 
 TASKS = ("svm", "zeroshot", "fewshot")
 
@@ -83,6 +83,7 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
         zs = zeroshot_eval(model, test, p.text_store, image_store, p.ratio, p.n_points, p.normalize, p.batch, device)
         write_confusion(out / "zeroshot", zs.pop("_pred"), test.labels, test.class_names,
                         f"zero-shot top-1 {zs['top1_acc']:.2f}%")
+        publish(out / "zeroshot" / "confusion.csv", metrics_dir(out) / "zeroshot" / "confusion.csv")
         metrics["zeroshot"] = zs
         console.print(f"zeroshot ({zs['shape_feature']}): top-1 {zs['top1_acc']:.2f}%, top-5 {zs['top5_acc']:.2f}%")
     if "fewshot" in p.tasks:
@@ -94,7 +95,6 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
         else:
             settings = FewshotSettings(p.fewshot_ways, p.fewshot_shots, p.fewshot_folds, p.fewshot_query, p.seed)
             metrics["fewshot"] = fewshot_eval(train, test, settings, ft, init, console.print)
-    out.mkdir(parents=True, exist_ok=True)
-    trainstate.write_json(out / "metrics.json", metrics)
-    console.print(f"[green]evaluate: done → {out / 'metrics.json'}[/]")
+    trainstate.write_json(metrics_dir(out) / "metrics.json", metrics)
+    console.print(f"[green]evaluate: done → {metrics_dir(out) / 'metrics.json'}[/]")
     return metrics

@@ -1,7 +1,8 @@
 """Stage `pretrain`: train the ReCon student on points + cached teacher targets.
 
 Outputs (``cache/pretrain/``): ``checkpoints/epoch-NNNN.pt`` (the last k), ``model.pt`` (final
-weights + config), ``history.csv`` (per-epoch losses, lr, samples/s) and ``metrics.json``
+weights + config), ``history.csv`` (per-epoch losses, lr, samples/s; rewritten every epoch). Git-tracked
+results (``cache/metrics/pretrain/``): ``history.csv`` of the finished run and ``metrics.json``
 (final losses, the loss a constant mean-target predictor would get for each teacher, and the k-NN
 probe accuracy of pretrained vs randomly initialised features on the test split).
 """
@@ -20,7 +21,7 @@ from recon import trainstate
 from recon.evaluate import batched, knn_probe
 from recon.losses import global_loss
 from recon.pretrain import PretrainParams, train
-from stages.common import cache_dir, console, load_params
+from stages.common import cache_dir, console, load_params, metrics_dir
 
 
 class LossBar:
@@ -122,8 +123,9 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
     metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
     torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
                 "categories": result["stores"].categories}, out / "model.pt")
-    trainstate.write_json(out / "metrics.json", metrics)
-    console.print(f"[green]pretrain: done → {out}[/]", metrics)
+    trainstate.write_json(metrics_dir(out) / "metrics.json", metrics)
+    trainstate.write_history(metrics_dir(out), history)
+    console.print(f"[green]pretrain: done → {out}, {metrics_dir(out)}[/]", metrics)
     return metrics
 
 

@@ -157,5 +157,6 @@ def test_evaluate_stage_svm_and_zeroshot(tmp_path, monkeypatch):
     assert all(0 <= metrics["svm"][k] <= 100 and round(metrics["svm"][k] * 9 / 100, 6).is_integer()
                for k in ("train_acc", "test_acc"))
     assert metrics["zeroshot"]["shape_feature"] == "text_proj(TXT)" and metrics["zeroshot"]["test_shapes"] == 9
-    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text()) == metrics
-    assert len((tmp_path / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()) == 10
+    assert json.loads((tmp_path / "metrics" / "evaluate" / "metrics.json").read_text()) == metrics
+    assert len((tmp_path / "metrics" / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()) == 10
+    assert (tmp_path / "evaluate" / "zeroshot" / "confusion.png").stat().st_size > 1000
