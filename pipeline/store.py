@@ -68,6 +68,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def relative_to_store(path: str | Path, store_path: str | Path) -> str:
+    """Another file or store as a store's attrs name it: relative to the store's folder, so that a
+    store's bytes do not depend on where the clone lives."""
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), Path(store_path).resolve().parent)).as_posix()
+
+
 def _read_ids(group: zarr.Group) -> np.ndarray:
     return np.asarray([str(i) for i in group["ids"][:]])
 

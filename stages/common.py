@@ -129,11 +129,18 @@ def write_failures(stage: str, records: list[dict], folder: Path | None = None) 
     return path
 
 
-def read_shapes(path: Path | None = None) -> pl.DataFrame:
+def read_shapes(path: Path | None = None, mesh_paths: bool = False) -> pl.DataFrame:
+    """The shapes table; with ``mesh_paths``, its ``mesh_path`` column made absolute (the table
+    stores paths relative to the indexed root)."""
     path = path or cache_dir() / "shapes.parquet"
     if not path.exists():
         raise StageError(f"{path} not found: run `recon index ROOT` first")
-    return pl.read_parquet(path)
+    table = pl.read_parquet(path)
+    if mesh_paths:
+        from pipeline.discover import resolve_mesh_paths
+
+        table = resolve_mesh_paths(table, path)
+    return table
 
 
 def summarise(stage: str, n_total: int, n_failed: int, seconds: float, strict: bool,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path
+from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path, relative_to_store
 from recon.distributed import Dist, setup, teardown
 from stages.common import Timer, cache_dir, console, fault_injection, progress, read_shapes
 
@@ -82,7 +82,7 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
     size = teacher.preprocessing.size
     arrays = {"features": ArraySpec((n_views, p.variants, teacher.dim), "float16", p.chunk_rows)}
     params = _image_store_params(p, teacher.identity(), renders.params)
-    provenance = {"teacher": teacher.identity(), "renders_store": str(renders_path.resolve()),
+    provenance = {"teacher": teacher.identity(), "renders_store": relative_to_store(renders_path, out),
                   "augmentation": "variant 0: the clean view; 1..: RandomResizedCrop(0.64-1) + hflip + "
                                   "RandAugment(2, 10) + 16x16 cutout at the teacher's input size, "
                                   "seeded per (shape, view, variant)"}

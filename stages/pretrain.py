@@ -120,8 +120,8 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
             console.print(f"[yellow]pretrain: loss_{term} {loss:.4g} is within 5 % of predicting the mean target "
                           f"({baseline:.4g}): nothing shape-specific learned from that teacher yet[/]")
     metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
-    torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
-                "categories": result["stores"].categories}, out / "model.pt")
+    trainstate.save_atomic(out / "model.pt", {"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
+                                              "categories": result["stores"].categories})
     trainstate.write_json(out / "metrics.json", metrics)
     console.print(f"[green]pretrain: done → {out}[/]", metrics)
     return metrics
