@@ -368,3 +368,52 @@ def to_polars(path: str | Path, shapes: str | Path | None = None):
         frame = frame.join(table, on="id", how="left").select(
             ["id", "category", "split", *[c for c in frame.columns if c != "id"]])
     return frame
+
+
+def content_key(path: str | Path) -> str:
+    """A cheap identity of a complete store's content: its attrs plus the name, size and mtime of
+    every file in it (a store is written once and replaced whole, so a rewrite changes the key).
+    Independent of where the store lives."""
+    import hashlib
+    import os
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            rel = os.path.relpath(os.path.join(folder, name), path)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def decompress_to_npy(array: zarr.Array, target: Path, block_bytes: int = 256 << 20, log=None) -> Path:
+    """Decompress a zarr array once into an uncompressed ``.npy`` file that readers memory-map:
+    chunk-aligned blocks of at most ~``block_bytes`` (memory stays bounded whatever the size),
+    into a temporary file that is renamed into place, under an exclusive lock so that processes
+    on one machine (DDP ranks) decompress it once between them. A file already there is reused."""
+    import fcntl
+    import os
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the process dies, so a kill cannot wedge it
+        if target.exists():
+            return target
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+        chunk = int(array.chunks[0])
+        row_bytes = max(int(np.prod(array.shape[1:])) * array.dtype.itemsize, 1)
+        step = max(chunk, block_bytes // row_bytes // chunk * chunk)
+        for start in range(0, array.shape[0], step):
+            out[start:start + step] = array[start:start + step]
+        out.flush()
+        del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(target)
+        if log:
+            log(f"decompressed {array.shape} {array.dtype} into {target}")
+    return target
