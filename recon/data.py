@@ -40,7 +40,8 @@ def rotate_up(points: np.ndarray, angle: float) -> np.ndarray:
 
 def normalize_batch(points: np.ndarray) -> np.ndarray:
     """:func:`normalize` of every cloud of a [B, n, 3] batch at once (in place)."""
-    points -= points.mean(axis=1, keepdims=True)
+    # the mean as a product with ones: numpy reduces a middle axis ~30x slower than BLAS does
+    points -= (np.ones((1, points.shape[1]), dtype=points.dtype) @ points) / points.shape[1]
     scale = np.sqrt(np.einsum("bni,bni->bn", points, points).max(axis=1))
     points /= np.maximum(scale, 1e-12)[:, None, None]
     return points
@@ -203,8 +204,9 @@ class PretrainDataset(Dataset):
         indices = [int(i) for i in indices]
         rows = self.s.rows[indices]
         picks, angles, views, variants, templates = zip(*(self.draws(i, epoch) for i in indices))
-        # a whole cloud is contiguous: copy it, then pick from the copy (random reads stay in cache)
-        points = np.stack([np.take(self.s.points[r], p, axis=0) for r, p in zip(rows, picks)]).astype(np.float32)
+        points = np.empty((len(rows), self.n_points, 3), dtype=np.float32)
+        for slot, (row, pick) in enumerate(zip(rows, picks)):
+            np.take(self.s.points[row], pick, axis=0, out=points[slot])
         points = normalize_batch(points)
         if self.rotate:
             points = rotate_up_batch(points, np.asarray(angles, dtype=np.float64))
