@@ -123,7 +123,7 @@ def write_failures(stage: str, records: list[dict], folder: Path | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stage}.parquet"
     table = pl.DataFrame(records, schema=FAILURE_SCHEMA) if records else pl.DataFrame(schema=FAILURE_SCHEMA)
-    tmp = path.with_suffix(".parquet.tmp")
+    tmp = path.with_suffix(f".parquet.{os.getpid()}.tmp")  # several shards may write it at once
     table.write_parquet(tmp)
     tmp.replace(path)
     return path

@@ -228,3 +228,31 @@ def test_the_same_inputs_in_two_clones_give_byte_identical_stores(tmp_path, monk
     assert not any(p.startswith("/") for p in pl.read_parquet(shapes)["mesh_path"])
     for name, data in a.items():
         assert str(tmp_path).encode() not in data, name
+
+
+@pytest.mark.parametrize("stage,store", [("sample", "points.zarr"), ("render", "renders.zarr")])
+def test_two_processes_write_the_store_one_process_writes(workdir, tmp_path, stage, store):
+    """RANK/WORLD_SIZE (torchrun, or a SLURM array job): two concurrent processes share the chunks
+    of one store on a shared folder and give, byte for byte, the one-process store (failures too)."""
+    caches = {}
+    for name in ("one", "two"):
+        caches[name] = tmp_path / name / "cache"
+        caches[name].mkdir(parents=True)
+        (caches[name] / "shapes.parquet").write_bytes((workdir / "cache" / "shapes.parquet").read_bytes())
+    code = "import sys; from cli import app; sys.argv = ['recon', *sys.argv[1:]]; app()"
+    env = {**os.environ, "RECON_CACHE": str(caches["two"]), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", code, stage, "--workers", "1"], cwd=workdir, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**env, "RANK": str(r)})
+             for r in (0, 1)]
+    single = _stage_subprocess(workdir, stage, "--workers", "1", env={"RECON_CACHE": str(caches["one"])})
+    outputs = [r.communicate(timeout=300)[0] for r in ranks]
+    assert single.returncode == 0 and [r.returncode for r in ranks] == [0, 0], outputs
+    assert "rank 1/2" in " ".join(outputs).replace("\n", " ")
+    a, b = (open_store(caches[n] / store) for n in ("one", "two"))
+    assert b.group["done"][:].all() and b.ok.sum() == 9
+    files = [{str(p.relative_to(c / store)): p.read_bytes() for p in sorted((c / store).rglob("*")) if p.is_file()}
+             for c in caches.values()]
+    assert sorted(files[0]) == sorted(files[1]) and "failures.jsonl" in files[0]
+    assert [name for name in files[0] if files[0][name] != files[1][name]] == []
+    failures = pl.read_parquet(caches["two"] / "failures" / f"{stage}.parquet")
+    assert sorted(failures["id"]) == ["broken-empty", "broken-flat", "broken-nan", "broken-truncated"]
