@@ -36,31 +36,40 @@ SHAPENET_CATEGORIES = 55
 
 
 def generate_cache(cache: Path, shapes: int, points: int, views: int, variants: int, image_dim: int,
-                   text_dim: int, templates: int = 60, block: int = 1024, chunk_rows: int = 16) -> None:
+                   text_dim: int, templates: int = 60, block: int = 1024, chunk_rows: int = 16,
+                   threads: int | None = None) -> None:
     """A pretraining cache of ``shapes`` shapes with the real stores' layout, dtypes and chunking:
-    clouds on random ellipsoids (compress like surface samples), random teacher features."""
+    clouds on random ellipsoids (they compress like surface samples), random teacher features.
+    Blocks of ``block`` rows are generated and written by ``threads`` threads (numpy's generators
+    and the compressor release the GIL); block ``b`` is seeded by ``b``, so the content does not
+    depend on the thread count."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import polars as pl
 
     from pipeline.store import ArraySpec, StoreWriter
 
-    rng = np.random.default_rng(0)
     categories = [f"c{i:02d}" for i in range(SHAPENET_CATEGORIES)]
     ids = [f"{i:08d}" for i in range(shapes)]
     cats = [categories[i % len(categories)] for i in range(shapes)]
     cache.mkdir(parents=True, exist_ok=True)
 
-    def write(path, rows, spec_name, spec, make):
-        writer = StoreWriter.open(path, rows, {spec_name: spec}, {"bench": True})
+    def write(path, rows, name, spec, make):
+        writer = StoreWriter.open(path, rows, {name: spec}, {"bench": True})
         if writer is None:
             return
-        for lo in range(0, len(rows), block):  # whole chunks at a time: the chunk writes run in parallel
+
+        def one(lo):  # whole chunks at a time, flags after data as the stages write them
             hi = min(lo + block, len(rows))
-            writer.group[spec_name][lo:hi] = make(hi - lo)
+            writer.group[name][lo:hi] = make(np.random.default_rng([lo, len(rows)]), hi - lo)
             writer.group["ok"][lo:hi] = True
             writer.group["done"][lo:hi] = True
+
+        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            list(pool.map(one, range(0, len(rows), block)))
         writer.finalise()
 
-    def clouds(n):
+    def clouds(rng, n):
         x = rng.standard_normal((n, points, 3), dtype=np.float32)
         x /= np.linalg.norm(x, axis=2, keepdims=True)
         x *= rng.uniform(0.3, 1.0, (n, 1, 3)).astype(np.float32)
@@ -70,10 +79,10 @@ def generate_cache(cache: Path, shapes: int, points: int, views: int, variants: 
     write(cache / "points.zarr", ids, "points", ArraySpec((points, 3), "float32", chunk_rows), clouds)
     write(cache / "teachers" / "image.zarr", ids, "features",
           ArraySpec((views, variants, image_dim), "float16", chunk_rows),
-          lambda n: rng.standard_normal((n, views, variants, image_dim), dtype=np.float32).astype(np.float16))
+          lambda rng, n: rng.standard_normal((n, views, variants, image_dim), dtype=np.float32).astype(np.float16))
     write(cache / "teachers" / "text.zarr", categories, "features",
           ArraySpec((templates, text_dim), "float16", len(categories)),
-          lambda n: rng.standard_normal((n, templates, text_dim), dtype=np.float32).astype(np.float16))
+          lambda rng, n: rng.standard_normal((n, templates, text_dim), dtype=np.float32).astype(np.float16))
     pl.DataFrame({"id": ids, "synset": [""] * shapes, "category": cats, "split": ["train"] * shapes,
                   "mesh_path": [""] * shapes, "status": ["indexed"] * shapes}).write_parquet(cache / "shapes.parquet")
     print(f"generated {shapes} shapes into {cache} in {time.perf_counter() - t0:.0f} s")
