@@ -9,9 +9,11 @@ import signal
 import time
 import traceback
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -105,16 +107,24 @@ def _guarded(fn: Callable[[Any], Any], indexed_item: tuple[int, Any]) -> Outcome
 
 
 def map_guarded(fn: Callable[[Any], Any], items: Iterable[tuple[int, Any]],
-                workers: int) -> Iterator[Outcome]:
+                workers: int, in_flight: int = 4) -> Iterator[Outcome]:
     """Apply ``fn`` to each (index, item), in order, in a pool of ``workers`` processes (or
-    in-process when 1). Exceptions become failed Outcomes."""
+    in-process when 1). Exceptions become failed Outcomes. At most ``in_flight`` items per
+    worker are submitted ahead of the consumer, so memory stays bounded whatever the number of
+    items (``Executor.map`` would submit them all at once and hold every finished result)."""
     work = partial(_guarded, fn)
     if workers <= 1:
         yield from map(work, items)
         return
     context = multiprocessing.get_context("spawn")  # no forked GL/torch state in workers
+    items = iter(items)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(work, items, chunksize=1)
+        window = deque(pool.submit(work, item) for item in islice(items, workers * in_flight))
+        while window:
+            outcome = window.popleft().result()
+            for item in islice(items, 1):
+                window.append(pool.submit(work, item))
+            yield outcome
 
 
 def write_failures(stage: str, records: list[dict], folder: Path | None = None) -> Path:
