@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from os import PathLike
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -223,5 +224,7 @@ def convert_reference_checkpoint(src: str | PathLike, dst: str | PathLike,
                          "directly (only pretraining checkpoints convert to model.pt)")
     ours = reference_to_ours(reference, kind)
     config = config_from_state_dict(ours, num_heads)
-    torch.save({"model": ours, "config": config, "source": str(src)}, dst)
+    from recon.trainstate import save_atomic
+
+    save_atomic(Path(dst), {"model": ours, "config": config, "source": str(src)})
     return config

@@ -36,16 +36,22 @@ def _as_tuple(obj: Any) -> Any:
     return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
-def save(folder: Path, epoch: int, payload: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write ``epoch-NNNN.pt`` atomically (temporary file, fsync, rename), then prune old ones."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch-{epoch:04d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
+def save_atomic(path: Path, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file, fsync, rename: a kill never leaves a torn ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    return path
+
+
+def save(folder: Path, epoch: int, payload: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write ``epoch-NNNN.pt`` atomically (:func:`save_atomic`), then prune old ones."""
+    path = save_atomic(folder / f"epoch-{epoch:04d}.pt", payload)
     for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         old.unlink()
     return path

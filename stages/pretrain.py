@@ -72,30 +72,37 @@ def probe(model, stores, n_points: int, device, seed: int) -> dict[str, float]:
     return result
 
 
-def constant_baselines(stores, kind: str = "smooth_l1", chunk: int = 4096) -> dict[str, float]:
+def constant_baselines(stores, kind: str = "smooth_l1", chunk: int | None = None,
+                       block_bytes: int = 64 << 20) -> dict[str, float]:
     """The image/text loss of always predicting the mean target (over the usable shapes, every
     view/variant and template as the dataset draws them), with the training loss itself
     (:func:`recon.losses.global_loss`). A training loss at this level means the student learned
     nothing shape-specific from that teacher. Only for smooth_l1 and l2 (a mean is their best
-    constant)."""
+    constant).
+
+    Image targets are streamed in float32 blocks of ``chunk`` rows (default: ~``block_bytes``),
+    two passes over a possibly memory-mapped store, with float64 sums: memory stays bounded by the
+    block whatever the number of shapes, views and variants."""
     if kind not in ("smooth_l1", "l2"):
         return {}
     result = {}
     rows = np.asarray(stores.rows)
     if stores.image is not None and len(rows):
         dim = stores.image.shape[-1]
+        per_row = int(np.prod(stores.image.shape[1:]))
+        step = chunk or max(1, block_bytes // (per_row * 4))
 
-        def blocks():  # float64 [k, D] targets, a chunk of rows at a time (two passes, O(chunk) memory)
-            for i in range(0, len(rows), chunk):
-                yield torch.from_numpy(stores.image[rows[i:i + chunk]].reshape(-1, dim).astype(np.float64))
+        def blocks():  # float32 [k, D] targets, a block of rows at a time
+            for i in range(0, len(rows), step):
+                yield torch.from_numpy(np.asarray(stores.image[rows[i:i + step]], dtype=np.float32).reshape(-1, dim))
 
-        count = sum(len(block) for block in blocks())
-        mean = sum(block.sum(0) for block in blocks()) / count
+        count = len(rows) * (per_row // dim)
+        mean = (sum(block.sum(0, dtype=torch.float64) for block in blocks()) / count).float()
         total = sum(global_loss(mean.expand_as(block), block, kind).item() * len(block) for block in blocks())
         result["loss_img_constant_baseline"] = total / count
     if stores.text is not None and len(rows):
         counts = np.bincount(stores.category_index[rows], minlength=len(stores.text))
-        text = torch.from_numpy(stores.text.astype(np.float64))                 # [C, T, D]
+        text = torch.from_numpy(stores.text.astype(np.float64))                 # [C, T, D]: small
         weights = torch.from_numpy(counts.astype(np.float64))
         mean = torch.einsum("c,ctd->d", weights, text) / (weights.sum() * text.shape[1])
         total = sum(n * global_loss(mean.expand_as(text[c]), text[c], kind).item()
@@ -121,8 +128,8 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
             console.print(f"[yellow]pretrain: loss_{term} {loss:.4g} is within 5 % of predicting the mean target "
                           f"({baseline:.4g}): nothing shape-specific learned from that teacher yet[/]")
     metrics["probe"] = probe(model, result["stores"], p.n_points, device, p.seed)
-    torch.save({"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
-                "categories": result["stores"].categories}, out / "model.pt")
+    trainstate.save_atomic(out / "model.pt", {"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
+                                              "categories": result["stores"].categories})
     trainstate.write_json(metrics_dir(out) / "metrics.json", metrics)
     trainstate.write_history(metrics_dir(out), history)
     console.print(f"[green]pretrain: done → {out}, {metrics_dir(out)}[/]", metrics)

@@ -261,12 +261,13 @@ def test_constant_baselines_match_brute_force(cache):
     for key, targets in (("loss_img_constant_baseline", image), ("loss_text_constant_baseline", text)):
         pred = torch.from_numpy(np.broadcast_to(targets.mean(0), targets.shape).copy())
         expected = torch.nn.functional.smooth_l1_loss(pred, torch.from_numpy(targets)).item()
-        assert got[key] == pytest.approx(expected, rel=1e-9) and expected > 0
+        # image targets are streamed in float32 (float64 sums), the small text table in float64
+        assert got[key] == pytest.approx(expected, rel=1e-6 if "img" in key else 1e-9) and expected > 0
     l2 = constant_baselines(stores, "l2")["loss_img_constant_baseline"]
-    assert l2 == pytest.approx(image.var(0).mean(), rel=1e-9)
+    assert l2 == pytest.approx(image.var(0).mean(), rel=1e-6)
     assert constant_baselines(stores, "infonce") == {}
     chunked = constant_baselines(stores, chunk=5)      # several row chunks give the same figures
-    assert chunked == pytest.approx(got, rel=1e-12)
+    assert chunked == pytest.approx(got, rel=1e-6)
 
 
 def test_image_distillation_learns_shape_specific_targets(tmp_path):
@@ -294,3 +295,19 @@ def test_image_distillation_learns_shape_specific_targets(tmp_path):
     print(f"loss_img first {losses[0]:.3f}, last-10 mean {np.mean(losses[-10:]):.3f}, baseline {baseline:.3f}")
     assert losses[0] > baseline                       # starts above the mean predictor
     assert np.mean(losses[-10:]) < 0.7 * baseline     # and ends well below it
+
+
+def test_model_file_is_replaced_atomically(tmp_path, monkeypatch):
+    """A save killed half-way (here: torch.save raising after writing some bytes) leaves the
+    previous model.pt intact and readable."""
+    path = trainstate.save_atomic(tmp_path / "model.pt", {"w": torch.ones(3)})
+
+    def torn_save(obj, f):
+        f.write(b"half a pickle")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainstate.save_atomic(path, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    torch.testing.assert_close(trainstate.load(path)["w"], torch.ones(3))

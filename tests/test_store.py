@@ -276,3 +276,35 @@ def test_inspect_streams_the_store_and_matches_an_eager_read(tmp_path):
     assert sampled["items"] == 5 and sampled["sampled_from"] == 12
     inspect.run(path, as_json=True, parquet=tmp_path / "image.parquet")
     assert_frame_equal(pl.read_parquet(tmp_path / "image.parquet"), to_polars(path))
+
+
+def _files(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_two_shards_write_the_store_one_writer_writes(tmp_path, monkeypatch):
+    import pipeline.store as S
+    from pipeline.store import Shard
+    single = StoreWriter.open(tmp_path / "one.zarr", IDS, ARRAYS, {"k": 1})
+    _fill(single, fail={"s05"})
+    single.finalise()
+    path = tmp_path / "two.zarr"
+    a = StoreWriter.open(path, IDS, ARRAYS, {"k": 1}, shard=Shard(0, 2))
+    b = StoreWriter.open(path, IDS, ARRAYS, {"k": 1}, shard=Shard(1, 2))   # opens a's store
+    assert [list(x) for x in a.pending_blocks()] == [[0, 1, 2, 3], [8, 9]]
+    assert [list(x) for x in b.pending_blocks()] == [[4, 5, 6, 7]]
+    _fill(a, fail={"s05"})
+    assert not a.all_done()
+    _fill(b, fail={"s05"})
+    assert (partial_path(path) / "failures.rank1.jsonl").exists()
+    assert a.all_done() and b.all_done()
+    assert b.finalise() == path and a.finalise() is None   # exactly one finalises
+    assert _files(path) == _files(tmp_path / "one.zarr")    # byte for byte, failure log included
+    # a stale partial store is replaced by rank 0 only; another rank waits for it, then gives up
+    StoreWriter.open(tmp_path / "s.zarr", IDS, ARRAYS, {"k": 1})
+    monkeypatch.setattr(S, "SHARD_WAIT_S", 0.0)
+    with pytest.raises(StoreError, match="rank 0 did not replace it"):
+        StoreWriter.open(tmp_path / "s.zarr", IDS, ARRAYS, {"k": 2}, shard=Shard(1, 2))
+    assert StoreWriter.open(tmp_path / "s.zarr", IDS, ARRAYS, {"k": 2}, shard=Shard(0, 2)).shard.rank == 0
+    with pytest.raises(ValueError, match="RANK 2"):
+        Shard(2, 2)
