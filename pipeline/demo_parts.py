@@ -112,7 +112,9 @@ def demo_part_samples(shapes_path: str | Path, n_points: int, seed: int = 0
     each category, splits, the semantic part names of each category)."""
     import polars as pl
 
-    shapes = pl.read_parquet(shapes_path)
+    from pipeline.discover import resolve_mesh_paths
+
+    shapes = resolve_mesh_paths(pl.read_parquet(shapes_path), Path(shapes_path))  # paths are root-relative
     synset_of = dict(zip(shapes["category"], shapes["synset"]))
     names = sorted(synset_of)
     missing = [f"{n} ({synset_of[n]})" for n in names if synset_of[n] not in DEMO_PARTS]

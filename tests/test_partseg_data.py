@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from pipeline import partseg as PS
 from pipeline.demo import _GENERATORS, build_shape, generate_demo
 from pipeline.demo_parts import DEMO_PARTS, part_index, read_obj_parts, sample_parts
-from pipeline.discover import build_table
 from pipeline.meshes import load_mesh
 from pipeline.store import open_store, read_failure_log
 
@@ -203,8 +202,9 @@ def test_demo_part_store(tmp_path, monkeypatch):
     monkeypatch.setenv("RECON_CACHE", str(tmp_path))
     paths = generate_demo(tmp_path / "meshes", shapes_per_category=3, seed=0, categories=["chair", "mug"])
     before = {p: p.read_bytes() for p in paths}
-    table, _, _ = build_table(tmp_path / "meshes", test_fraction=0.34, seed=0)
-    table.write_parquet(tmp_path / "shapes.parquet")
+    from stages import index
+    table = index.run(index.IndexParams(root=str(tmp_path / "meshes"), test_fraction=0.34, seed=0),
+                      out=tmp_path / "shapes.parquet")    # mesh paths relative to the recorded root
     [result] = stage.run(stage.ConvertParams(format="demo-parts", source=str(tmp_path), points=256,
                                              out=str(tmp_path / "demo_parts.zarr")))
     assert result.failed == 0 and (tmp_path / "failures" / "convert-demo-parts.parquet").exists()
