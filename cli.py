@@ -144,13 +144,16 @@ def pretrain(variant: Optional[str] = typer.Option(None, help="tiny | small | ba
              compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
              cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph",
                                                        help="replay forward + backward as one CUDA graph (one GPU)"),
+             loader_workers: Optional[str] = typer.Option(
+                 None, help="auto | N: processes building micro-batches [params: pretrain.loader_workers]"),
              max_steps: Optional[int] = typer.Option(None, help="stop after N optimiser steps (smoke test)")) -> None:
     """Pretrain the ReCon student on points + cached teacher targets (torchrun: DDP)."""
     from stages import pretrain as stage
 
+    workers = None if loader_workers is None else (loader_workers if loader_workers == "auto" else int(loader_workers))
     p = stage.params(dict(variant=variant, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
                           lr=lr, schedule=schedule, device=device, compile=compile, cuda_graph=cuda_graph,
-                          max_steps=max_steps))
+                          loader_workers=workers, max_steps=max_steps))
     _run(stage.run, p)
 
 

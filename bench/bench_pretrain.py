@@ -4,6 +4,11 @@
 (b) online: every step augments each rendered view (random resized crop, flip, RandAugment,
     cutout) and runs the image teacher on it, and the text teacher on one prompt per shape, as
     the reference does, then the same student step.
+With ``--real-data CACHE`` the online path is replaced by (c) real: the trainer's own loader
+(``recon.data.make_loader``: stores opened as ``recon pretrain`` opens them, ``--workers`` loader
+processes, pinned memory) feeding the same student, next to (a), the synthetic ceiling on
+device-resident random tensors; ``real / ceiling`` is what the input pipeline leaves of it.
+
 Same student, same batch, same machine: both paths warm up, then alternate in blocks of
 --steps (--rounds times), so that clock ramp-up and drift hit both alike; `--workers N` augments
 the online path's images in N DataLoader worker processes overlapping the GPU work, as the
@@ -13,6 +18,7 @@ subprocess (resident memory sampled every 5 ms on CPU, the allocator's peak on C
 
     python bench/bench_pretrain.py --variant base --batch 8 --steps 3 --rounds 2
     python bench/bench_pretrain.py --device cuda --bf16 --batch 128 --workers 8 --warmup 3 --rounds 3 --memory
+    python bench/bench_pretrain.py --device cuda --bf16 --cuda-graph --batch 128 --real-data runs/bench_loader --workers 4
 """
 
 from __future__ import annotations
@@ -119,13 +125,73 @@ def stack_views(views: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(views))
 
 
-def schedule(warmup: int, steps: int, rounds: int) -> list[tuple[str, bool]]:
+def schedule(warmup: int, steps: int, rounds: int, other: str = "online") -> list[tuple[str, bool]]:
     """(path, timed) per step: both paths' warm-up steps first, then `rounds` alternating blocks
-    of `steps` cached and `steps` online steps, so that clock ramp-up or drift hits both alike."""
-    plan = [("cached", False)] * warmup + [("online", False)] * warmup
+    of `steps` cached and `steps` other steps, so that clock ramp-up or drift hits both alike."""
+    plan = [("cached", False)] * warmup + [(other, False)] * warmup
     for _ in range(rounds):
-        plan += [("cached", True)] * steps + [("online", True)] * steps
+        plan += [("cached", True)] * steps + [(other, True)] * steps
     return plan
+
+
+def real_batches(cache: Path, batch: int, workers: int, n_points: int, device: torch.device):
+    """Batches from the trainer's own loader over a real cache, epoch after epoch (and the store
+    dims): what `recon pretrain` feeds its student."""
+    from recon.data import EpochBatches, PretrainDataset, make_loader, open_pretrain_stores
+
+    stores = open_pretrain_stores(cache, log=print)
+    dataset = PretrainDataset(stores, n_points, seed=0)
+    sampler = EpochBatches(dataset, batch, seed=0)
+    loader = make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")
+
+    def epochs():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    return epochs(), stores.image_dim, stores.text_dim
+
+
+def bench_real(args) -> dict:
+    """Samples/s of the student fed by the trainer's loader (real) and by device-resident random
+    tensors (cached: the ceiling), alternating as :func:`schedule` orders them."""
+    torch.manual_seed(0)
+    device = pick_device(args.device)
+    batches, image_dim, text_dim = real_batches(args.real_data, args.batch, args.workers, 1024, device)
+    cfg = ReConConfig.variant(args.variant, img_feat_dim=image_dim, text_feat_dim=text_dim)
+    model = ReConPretrain(cfg).to(device)
+    optimizer = adamw(model, 0.05, 1e-4)
+    student = (graphed_student(model, args.bf16, args.compile) if args.cuda_graph
+               else torch.compile(model, mode=args.compile) if args.compile else model)
+    pool = args.steps + args.warmup
+    points = (torch.rand(args.batch * pool, 1024, 3) * 2 - 1).to(device)
+    cached_img = torch.randn(args.batch * pool, image_dim, device=device)
+    cached_txt = torch.randn(args.batch * pool, text_dim, device=device)
+    parts = {m: {"data": 0.0, "forward": 0.0, "backward": 0.0} for m in ("cached", "real")}
+    done = 0
+    for mode, timed in schedule(args.warmup, args.steps, args.rounds, other="real"):
+        t0 = now(device)
+        if mode == "cached":
+            rows = slice((done % pool) * args.batch, (done % pool + 1) * args.batch)
+            done += 1
+            x, img, txt = points[rows], cached_img[rows].clone(), cached_txt[rows].clone()
+        else:  # as the trainer's loop does it: next batch, asynchronous copy from pinned memory
+            b = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            x, img, txt = b["points"], b["img"], b["text"]
+        t_data = now(device) - t0
+        timing = student_step(student, optimizer, x, img, txt, device, args.bf16)
+        if timed:
+            parts[mode]["data"] += t_data
+            for k, v in timing.items():
+                parts[mode][k] += v
+    n_timed = args.steps * args.rounds
+    result = {mode: {"samples_per_s": args.batch * n_timed / sum(p.values()),
+                     **{f"{k}_s_per_step": v / n_timed for k, v in p.items()}} for mode, p in parts.items()}
+    result["real_over_ceiling"] = result["real"]["samples_per_s"] / result["cached"]["samples_per_s"]
+    if device.type == "cuda":
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
 
 
 def bench(args) -> dict:
@@ -255,8 +321,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed ones")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternating blocks of --steps cached and --steps online steps (3+ on a GPU)")
+    parser.add_argument("--real-data", type=Path, metavar="CACHE",
+                        help="compare the trainer's loader over this cache with the synthetic ceiling "
+                             "(instead of the online teachers); --workers sets its loader processes")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.real_data:
+        main_real(args)
+        return
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {'bf16' if args.bf16 else 'fp32'}, variant {args.variant}, "
@@ -283,6 +355,25 @@ def main() -> None:
                       f"{peak - before:.2f} GiB above the built model ({device.type}, one train step)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+
+
+def main_real(args) -> None:
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, {'bf16' if args.bf16 else 'fp32'}, variant {args.variant}, "
+          f"batch {args.batch}, {args.rounds} x {args.steps} timed steps per path, real data {args.real_data} "
+          f"through {args.workers} loader workers{f', student compiled ({args.compile})' if args.compile else ''}"
+          f"{', student forward + backward as one CUDA graph' if args.cuda_graph else ''}")
+    result = bench_real(args)
+    for mode, label in (("cached", "ceiling (device-resident random tensors)"), ("real", "real (the trainer's loader)")):
+        r = result[mode]
+        print(f"{label:>42}: {r['samples_per_s']:8.2f} samples/s | per step: data {r['data_s_per_step']:.4f} s, "
+              f"forward {r['forward_s_per_step']:.4f} s, backward {r['backward_s_per_step']:.4f} s")
+    if "peak_gpu_memory_gib" in result:
+        print(f"peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB")
+    print(f"real / ceiling = {result['real_over_ceiling']:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"real_data": result}, indent=2))
 
 
 if __name__ == "__main__":

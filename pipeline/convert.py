@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store import ArraySpec, StoreWriter, open_store, read_failure_log
+from pipeline.store import ArraySpec, StoreWriter, open_store, read_failure_log, relative_to_store
 
 FORMATS = ("modelnet40", "modelnet10", "pointbert-dat", "fewshot-pkl", "scanobjectnn", "points")
 SPLITS = ["train", "test"]
@@ -430,7 +430,7 @@ def convert_points(cache: str | Path, out: str | Path, n_points: int | None = No
     n_points = n_points or int(store["points"].shape[1])
     return write_classification_store(out, samples, names, n_points,
                                       {"format": "points", "points_store": store.params},
-                                      {"source": str(Path(cache).resolve())}, False, chunk_rows,
+                                      {"source": relative_to_store(cache, out)}, False, chunk_rows,
                                       splits=splits, device=device, log=log)
 
 

@@ -6,12 +6,18 @@ Layouts understood:
 - plain folders: ``<root>/<category>/<name>.{obj,off,ply,stl,glb,gltf}``
 
 Shape ids are ``<synset>-<model_id>`` (the Point-BERT ShapeNet-55 list format without ``.npy``)
-or ``<category>-<file stem>`` for plain folders.
+or ``<category>-<file stem>`` for plain folders. Two files of one category folder that would get the
+same id (``x.obj`` and ``x.ply``; ``a/b.obj`` and ``a-b.obj``) are told apart by their suffix
+(``mug-x-obj``, ``mug-x-ply``); where even that clashes, indexing refuses and names the files.
+
+``mesh_path`` is relative to the indexed root; the root itself is recorded once, in the table's
+metadata (see :func:`resolve_mesh_paths`), so a cache does not depend on where the clone lives.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,17 +72,44 @@ def find_shapes(root: Path) -> tuple[list[dict], list[Skipped]]:
                                            f"no {' or '.join(SHAPENET_MODEL_FILES)} in {model}"))
                     continue
                 rows.append(dict(id=shape_id, synset=folder.name, category=category,
-                                 mesh_path=str(mesh.resolve())))
+                                 mesh_path=mesh.relative_to(root).as_posix()))
         else:
+            plain: list[dict] = []
             for file in sorted(p for p in folder.rglob("*") if p.is_file()):
                 shape_id = f"{folder.name}-{file.relative_to(folder).with_suffix('').as_posix().replace('/', '-')}"
                 if file.suffix.lower() in MESH_SUFFIXES:
-                    rows.append(dict(id=shape_id, synset="", category=folder.name,
-                                     mesh_path=str(file.resolve())))
+                    plain.append(dict(id=shape_id, synset="", category=folder.name,
+                                      mesh_path=file.relative_to(root).as_posix()))
                 elif file.suffix.lower() not in (".mtl", ".png", ".jpg", ".jpeg", ".bin", ".json", ".txt"):
                     skipped.append(Skipped(shape_id, str(file), "unsupported",
                                            f"not a mesh file ({file.suffix or 'no suffix'}): {file}"))
+            rows.extend(disambiguate(plain, root))
     return rows, skipped
+
+
+class DuplicateShapeIds(ValueError):
+    """Two mesh files would get the same shape id even with their suffixes."""
+
+
+def disambiguate(rows: list[dict], root: Path) -> list[dict]:
+    """Unique ids for one plain category folder: rows whose id is shared by several files get
+    their file suffix appended (``mug-x`` from ``x.obj`` and ``x.ply`` → ``mug-x-obj``,
+    ``mug-x-ply``); the others keep theirs. Deterministic (it depends only on the file names)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["id"]] = counts.get(row["id"], 0) + 1
+    for row in rows:
+        if counts[row["id"]] > 1:
+            row["id"] = f"{row['id']}-{Path(row['mesh_path']).suffix.lstrip('.').lower()}"
+    seen: dict[str, list[str]] = {}
+    for row in rows:
+        seen.setdefault(row["id"], []).append(row["mesh_path"])
+    clashes = {i: paths for i, paths in seen.items() if len(paths) > 1}
+    if clashes:
+        listing = "; ".join(f"{i}: {', '.join(str(root / p) for p in paths)}" for i, paths in sorted(clashes.items()))
+        raise DuplicateShapeIds(f"these mesh files would share a shape id: {listing}. Rename one of each "
+                                "group (ids are <category>-<path below the category, '/' as '-'>[-<suffix>])")
+    return rows
 
 
 def read_split_lists(folder: Path) -> dict[str, str] | None:
@@ -115,6 +148,11 @@ def build_table(root: Path, split_dir: Path | None = None, test_fraction: float 
     """The shapes table (one row per shape, sorted by id), what was skipped, and the split rule."""
     rows, skipped = find_shapes(root)
     rows.sort(key=lambda r: r["id"])
+    shared = sorted({a["id"] for a, b in zip(rows, rows[1:]) if a["id"] == b["id"]})
+    if shared:  # e.g. plain folders "a" with "b-c.obj" and "a-b" with "c.obj"
+        listing = "; ".join(f"{i}: {', '.join(str(Path(root) / r['mesh_path']) for r in rows if r['id'] == i)}"
+                            for i in shared)
+        raise DuplicateShapeIds(f"these mesh files would share a shape id: {listing}. Rename one of each group")
     if limit is not None:
         rows = rows[:limit]
     ids = [r["id"] for r in rows]
@@ -130,3 +168,31 @@ def build_table(root: Path, split_dir: Path | None = None, test_fraction: float 
         row["status"] = "indexed"
     table = pl.DataFrame(rows, schema=SHAPES_SCHEMA) if rows else pl.DataFrame(schema=SHAPES_SCHEMA)
     return table.select(list(SHAPES_SCHEMA)), skipped, rule
+
+
+def recorded_root(root: Path, table_dir: Path) -> str:
+    """The dataset root as the shapes table records it: relative to the table's folder when the
+    root was given as a relative path (a clone or cache moved elsewhere still finds its meshes,
+    and the table's bytes do not depend on where it lives), absolute when given absolute."""
+    root = Path(root)
+    if root.is_absolute():
+        return root.as_posix()
+    return Path(os.path.relpath(root.resolve(), Path(table_dir).resolve())).as_posix()
+
+
+def table_metadata(shapes_path: Path) -> dict:
+    """The ``recon`` key-value metadata of a shapes table ({} when absent)."""
+    import polars as pl
+
+    raw = pl.read_parquet_metadata(shapes_path).get("recon")
+    return json.loads(raw) if raw else {}
+
+
+def resolve_mesh_paths(table: pl.DataFrame, shapes_path: Path) -> pl.DataFrame:
+    """The table with ``mesh_path`` made absolute: joined to the recorded root, itself relative to
+    the table's folder unless absolute. (Tables indexed before paths were relative hold absolute
+    paths, which the join leaves as they are.)"""
+    shapes_path = Path(shapes_path)
+    root = shapes_path.parent / table_metadata(shapes_path).get("root", ".")
+    paths = [str((root / p).absolute()) if p else p for p in table["mesh_path"].to_list()]
+    return table.with_columns(pl.Series("mesh_path", paths, dtype=pl.Utf8))

@@ -41,6 +41,13 @@ def sample_surface(mesh: trimesh.Trimesh, n_points: int = 8192, seed: int = 0) -
     Uses an explicit `numpy.random.Generator(PCG64(seed))`, so the result depends only
     on (mesh, n_points, seed), never on the process or global RNG state.
     """
+    return sample_surface_faces(mesh, n_points, seed)[0]
+
+
+def sample_surface_faces(mesh: trimesh.Trimesh, n_points: int = 8192,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`sample_surface` plus the index of the face each point lies on (int64 [n]), so that
+    per-face attributes (part labels, normals) follow the points."""
     rng = np.random.Generator(np.random.PCG64(int(seed)))
     triangles = np.asarray(mesh.vertices, dtype=np.float64)[np.asarray(mesh.faces)]
     origins = triangles[:, 0]
@@ -55,7 +62,7 @@ def sample_surface(mesh: trimesh.Trimesh, n_points: int = 8192, seed: int = 0) -
     flip = uv.sum(axis=1) > 1.0
     uv[flip] = 1.0 - uv[flip]
     points = origins[face] + (uv[:, :1] * edges[face, 0]) + (uv[:, 1:] * edges[face, 1])
-    return normalize_unit_sphere(points)[0]
+    return normalize_unit_sphere(points)[0], face
 
 
 def sample_shape(

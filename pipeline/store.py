@@ -15,12 +15,23 @@ with the same ids and params resumes from its ``done`` mask. Chunk writes are at
 LocalStore, and ``done`` is written after the data of the same rows, so a row that reads as done
 is complete. ``finalise`` renames the partial store into place, so a store at ``path`` always
 reads as complete.
+
+Sharding (:class:`Shard`, from ``RANK``/``WORLD_SIZE``: torchrun, or a SLURM array job that sets
+them): processes on one or several machines write disjoint chunks (chunk ``k`` belongs to rank
+``k % world``) of the same partial store on a shared filesystem, with no communication. The
+partial store is created atomically (built aside, renamed into place; a process that loses the
+race opens the winner's), only rank 0 discards a stale one (the others wait for it), every rank
+keeps its own failure log, and whichever process finds every row done finalises, claimed by an
+atomic ``mkdir`` so that exactly one does. The result is the store one process would write.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,6 +42,8 @@ import zarr
 SCHEMA_VERSION = 1
 RESERVED = ("ids", "done", "ok")
 FAILURE_LOG = "failures.jsonl"
+FINALISING = ".finalising"  # inside a partial store: one process has claimed its finalisation
+SHARD_WAIT_S = float(os.environ.get("RECON_SHARD_WAIT_S", "600"))
 
 
 class StoreError(RuntimeError):
@@ -44,6 +57,30 @@ class ArraySpec:
     row_shape: tuple[int, ...]
     dtype: str
     chunk_rows: int = 16
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a store: the chunks ``k`` with ``k % world == rank``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"RANK {self.rank} is not in 0..WORLD_SIZE-1 ({self.world})")
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        """``RANK``/``WORLD_SIZE``: set by torchrun, or by hand (a SLURM array job:
+        ``RANK=$SLURM_ARRAY_TASK_ID WORLD_SIZE=$SLURM_ARRAY_TASK_COUNT``). Unset: one process."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.world == self.rank
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}/{self.world}"
 
 
 def partial_path(path: Path) -> Path:
@@ -68,15 +105,28 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def relative_to_store(path: str | Path, store_path: str | Path) -> str:
+    """Another file or store as a store's attrs name it: relative to the store's folder, so that a
+    store's bytes do not depend on where the clone lives."""
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), Path(store_path).resolve().parent)).as_posix()
+
+
 def _read_ids(group: zarr.Group) -> np.ndarray:
     return np.asarray([str(i) for i in group["ids"][:]])
 
 
+def _failure_logs(store_dir: Path) -> list[Path]:
+    """The store's failure log, then one per rank of a sharded writer."""
+    store_dir = Path(store_dir)
+    return [p for p in [store_dir / FAILURE_LOG, *sorted(store_dir.glob("failures.rank*.jsonl"))] if p.exists()]
+
+
 def read_failure_log(store_dir: Path) -> dict[str, dict]:
     """The failure records kept inside a store (latest per shape id)."""
-    log = Path(store_dir) / FAILURE_LOG
     latest: dict[str, dict] = {}
-    if log.exists():
+    for log in _failure_logs(store_dir):
         for line in log.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -93,23 +143,25 @@ def _diff(expected: dict, found: dict) -> list[str]:
 
 
 class StoreWriter:
-    """Resumable, chunk-aligned writer of one store (see module docstring)."""
+    """Resumable, chunk-aligned writer of one store, or of one shard of it (see module docstring)."""
 
-    def __init__(self, path: Path, group: zarr.Group, arrays: dict[str, ArraySpec]):
+    def __init__(self, path: Path, group: zarr.Group, arrays: dict[str, ArraySpec], shard: Shard | None = None):
         self.path = path
         self.group = group
         self.arrays = arrays
+        self.shard = shard or Shard()
         self.n = int(group["ids"].shape[0])
 
     @classmethod
     def open(cls, path: str | Path, ids: Sequence[str], arrays: dict[str, ArraySpec],
              params: dict, provenance: dict | None = None,
-             log=print) -> "StoreWriter | None":
-        """Open ``path.partial`` for writing, resuming when it matches.
+             log=print, shard: Shard | None = None) -> "StoreWriter | None":
+        """Open ``path.partial`` for writing, resuming when it matches (creating it when absent).
 
         Returns None when a complete store with the same ids and params is already at ``path``.
         """
         path = Path(path)
+        shard = shard or Shard()
         params = json_native(params)
         ids = [str(i) for i in ids]
         if path.exists():
@@ -120,16 +172,27 @@ class StoreWriter:
             except StoreError as err:
                 log(f"[yellow]rebuilding {path}[/]: {err}")
         tmp = partial_path(path)
-        if tmp.exists():
-            reason = cls._resume_problem(tmp, ids, arrays, params)
-            if reason is None:
-                group = zarr.open_group(tmp, mode="r+")
-                writer = cls(path, group, arrays)
-                log(f"resuming {tmp}: {int(writer.done_mask().sum())}/{writer.n} rows already done")
+        deadline = time.monotonic() + SHARD_WAIT_S
+        while True:
+            if tmp.exists():
+                reason = cls._resume_problem(tmp, ids, arrays, params)
+                if reason is None:
+                    writer = cls(path, zarr.open_group(tmp, mode="r+"), arrays, shard)
+                    writer._drop_stale_claim(log)
+                    log(f"resuming {tmp}: {int(writer.done_mask().sum())}/{writer.n} rows already done")
+                    return writer
+                if shard.rank != 0:  # only rank 0 replaces a stale store: two replacers could drop each other's
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"{tmp} does not match this run ({reason}) and rank 0 did not replace it "
+                                         f"within {SHARD_WAIT_S:.0f} s ($RECON_SHARD_WAIT_S)")
+                    time.sleep(1.0)
+                    continue
+                log(f"[yellow]discarding stale partial store {tmp}[/]: {reason}")
+                shutil.rmtree(tmp)
+            writer = cls._create(path, tmp, ids, arrays, params, provenance or {}, shard)
+            if writer is not None:
                 return writer
-            log(f"[yellow]discarding stale partial store {tmp}[/]: {reason}")
-            shutil.rmtree(tmp)
-        return cls._create(path, tmp, ids, arrays, params, provenance or {})
+            # another process created it first: open theirs
 
     @staticmethod
     def _resume_problem(tmp: Path, ids: list[str], arrays: dict[str, ArraySpec],
@@ -151,13 +214,17 @@ class StoreWriter:
 
     @classmethod
     def _create(cls, path: Path, tmp: Path, ids: list[str], arrays: dict[str, ArraySpec],
-                params: dict, provenance: dict) -> "StoreWriter":
+                params: dict, provenance: dict, shard: Shard) -> "StoreWriter | None":
+        """Build the empty store aside, then rename it to ``tmp``; None when another process's
+        store got there first."""
         for name in arrays:
             if name in RESERVED:
                 raise ValueError(f"array name {name!r} is reserved")
         n = len(ids)
         chunk = max([spec.chunk_rows for spec in arrays.values()] + [1])
-        group = zarr.open_group(tmp, mode="w")
+        aside = tmp.with_name(f"{tmp.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+        shutil.rmtree(aside, ignore_errors=True)
+        group = zarr.open_group(aside, mode="w")
         group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
         if n:
             group["ids"][:] = np.asarray(ids, dtype=object)
@@ -169,7 +236,25 @@ class StoreWriter:
                                compressors=_compressor(), fill_value=0)
         group.attrs.update({"schema": SCHEMA_VERSION, "params": params,
                             "provenance": json_native(provenance), "complete": False})
-        return cls(path, group, arrays)
+        try:
+            aside.rename(tmp)  # atomic; fails when tmp exists (it is never an empty folder)
+        except OSError:
+            shutil.rmtree(aside, ignore_errors=True)
+            if tmp.exists():
+                return None
+            raise
+        return cls(path, zarr.open_group(tmp, mode="r+"), arrays, shard)
+
+    def _drop_stale_claim(self, log) -> None:
+        """A finalisation claim left by a process killed while finalising (it takes milliseconds,
+        so a claim older than a minute is stale): remove it so the store can be finalised."""
+        claim = partial_path(self.path) / FINALISING
+        try:
+            if time.time() - claim.stat().st_mtime > 60:
+                claim.rmdir()
+                log(f"removed a stale finalisation claim in {partial_path(self.path)}")
+        except FileNotFoundError:
+            pass
 
     @property
     def chunk_rows(self) -> int:
@@ -188,16 +273,23 @@ class StoreWriter:
         return done
 
     def pending_blocks(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
-        """Chunk-aligned blocks of row indices that still need work (optionally within ``rows``)."""
+        """Chunk-aligned blocks of row indices that still need work (optionally within ``rows``),
+        in the chunks this writer's shard owns."""
         todo = ~self.done_mask()
         if rows is not None:
             keep = np.zeros(self.n, dtype=bool)
             keep[rows] = True
             todo &= keep
         for start in range(0, self.n, self.chunk_rows):
+            if not self.shard.owns(start // self.chunk_rows):
+                continue
             block = np.flatnonzero(todo[start:start + self.chunk_rows]) + start
             if block.size:
                 yield block
+
+    def all_done(self) -> bool:
+        """Every row of every shard is written: the store can be finalised."""
+        return bool(self.done_mask().all())
 
     def write_rows(self, rows: np.ndarray, data: dict[str, np.ndarray], ok: np.ndarray) -> None:
         """Write the data of ``rows`` (all within one chunk), then mark them done."""
@@ -230,7 +322,8 @@ class StoreWriter:
 
     @property
     def _failure_log(self) -> Path:
-        return partial_path(self.path) / FAILURE_LOG
+        name = FAILURE_LOG if self.shard.world == 1 else f"failures.rank{self.shard.rank}.jsonl"
+        return partial_path(self.path) / name
 
     def record_failure(self, shape_id: str, stage: str, error: str, message: str) -> None:
         """Append a failed row's reason; it survives a kill, so a resumed run still reports it."""
@@ -245,21 +338,47 @@ class StoreWriter:
         failed_ids = set(_read_ids(self.group)[done & ~ok].tolist())
         return [r for i, r in sorted(latest.items()) if i in failed_ids]
 
-    def finalise(self, provenance: dict | None = None) -> Path:
-        """Mark complete and rename into place. Refuses while rows are pending."""
+    def finalise(self, provenance: dict | None = None) -> Path | None:
+        """Mark complete and rename into place. Refuses while rows are pending. Returns None when
+        another process (a shard of the same store) claimed the finalisation first."""
+        tmp = partial_path(self.path)
+        try:
+            (tmp / FINALISING).mkdir()  # atomic, also on NFS: exactly one process finalises
+        except (FileExistsError, FileNotFoundError):
+            return None
         pending = int((~self.done_mask()).sum())
         if pending:
-            raise StoreError(f"{pending} rows of {partial_path(self.path)} are not done yet")
+            (tmp / FINALISING).rmdir()
+            raise StoreError(f"{pending} rows of {tmp} are not done yet")
+        self._merge_failure_logs()
         if provenance:
             merged = dict(self.group.attrs.get("provenance", {}))
             merged.update(json_native(provenance))
             self.group.attrs["provenance"] = merged
         self.group.attrs["complete"] = True
-        tmp = partial_path(self.path)
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        (tmp / FINALISING).rmdir()
+        if self.path.exists():  # an older store: moved aside first, so a reader never sees half of it
+            old = self.path.with_name(f"{self.path.name}.old-{socket.gethostname()}-{os.getpid()}")
+            self.path.rename(old)
+            shutil.rmtree(old)
         tmp.rename(self.path)
         return self.path
+
+    def _merge_failure_logs(self) -> None:
+        """One ``failures.jsonl``: the latest record of each failed row, in row order (the same
+        bytes whatever the number of shards or interruptions)."""
+        folder = partial_path(self.path)
+        latest = read_failure_log(folder)
+        done, ok = self.done_mask(), np.asarray(self.group["ok"][:], dtype=bool)
+        failed = [str(i) for i in _read_ids(self.group)[done & ~ok]]
+        lines = "".join(json.dumps(latest[i]) + "\n" for i in failed if i in latest)
+        logs = _failure_logs(folder)
+        if lines or logs:
+            (folder / (FAILURE_LOG + ".tmp")).write_text(lines)
+            (folder / (FAILURE_LOG + ".tmp")).replace(folder / FAILURE_LOG)
+        for log in logs:
+            if log.name != FAILURE_LOG:
+                log.unlink()
 
 
 @dataclass
@@ -337,26 +456,141 @@ def open_store(path: str | Path, expect_ids: Sequence[str] | None = None,
     return Store(path=path, group=group, ids=ids, ok=ok, attrs=attrs)
 
 
-def to_polars(path: str | Path, shapes: str | Path | None = None):
-    """A store as a polars DataFrame: id, ok, (category, split from the shapes table), and every
-    data array as a fixed-size ``pl.Array`` column (one row per shape)."""
+def find_shapes(store_path: str | Path) -> Path | None:
+    """The ``shapes.parquet`` next to a store, or one folder up (``cache/teachers/image.zarr``)."""
+    store_path = Path(store_path)
+    return next((d / "shapes.parquet" for d in (store_path.parent, store_path.parent.parent)
+                 if (d / "shapes.parquet").exists()), None)
+
+
+def _polars_dtype(arr: zarr.Array):
+    """The polars type of one row of a data array: strings, or numbers (float16 read as float32,
+    which polars has; rows of ndim >= 1 become a fixed-size ``pl.Array``)."""
     import polars as pl
 
+    if arr.dtype.kind in "OTU":
+        return pl.String
+    dtype = np.float32 if arr.dtype == np.float16 else arr.dtype
+    return pl.Series(np.empty((0, *arr.shape[1:]), dtype=dtype)).dtype
+
+
+def scan(path: str | Path, shapes: str | Path | None = None):
+    """A store as a polars LazyFrame, read one chunk of rows at a time.
+
+    Columns: ``id``, ``category`` and ``split`` (from the shapes table, found next to the store
+    or given; not for the text store, whose rows are categories), ``ok``, then every per-row data
+    array as a ``pl.Array`` column (float16 as float32). A query decodes only the arrays it
+    selects; a filter on the cheap columns (id, category, split, ok) runs before any array of a
+    chunk is decoded and skips chunks it rejects whole; ``head(n)`` stops reading after n rows.
+    Batches are the store's chunks of rows, so streaming queries (group_by, sink_parquet,
+    ``collect_batches``, ``collect(engine="streaming")``) run in memory bounded by a few chunks.
+    """
+    import polars as pl
+    from polars.io.plugins import register_io_source
+
     store = open_store(path)
-    columns: dict[str, Any] = {"id": store.ids, "ok": store.ok}
-    for name in store.data_arrays():
-        if store[name].shape[0] != store.ids.size:
-            continue  # not per row (e.g. templates)
-        values = np.asarray(store[name][:])
-        if values.dtype.kind == "f":
-            values = values.astype(np.float32)  # polars has no float16
-        columns[name] = pl.Series(name, values)  # rows of ndim > 1 become pl.Array
-    frame = pl.DataFrame(columns)
-    shapes = Path(shapes) if shapes else next(
-        (d / "shapes.parquet" for d in (store.path.parent, store.path.parent.parent)
-         if (d / "shapes.parquet").exists()), None)
+    n = int(store.ids.size)
+    cheap: dict[str, pl.Series] = {"id": pl.Series("id", store.ids.astype(str), dtype=pl.String)}
+    shapes = Path(shapes) if shapes else find_shapes(store.path)
     if shapes is not None and shapes.exists() and not store.rows_are_categories:
-        table = pl.read_parquet(shapes).select(["id", "category", "split"])
-        frame = frame.join(table, on="id", how="left").select(
-            ["id", "category", "split", *[c for c in frame.columns if c != "id"]])
-    return frame
+        table = pl.read_parquet(shapes, columns=["id", "category", "split"]).unique("id", keep="first")
+        aligned = cheap["id"].to_frame().join(table, on="id", how="left", maintain_order="left")
+        cheap.update(category=aligned["category"].cast(pl.String), split=aligned["split"].cast(pl.String))
+    cheap["ok"] = pl.Series("ok", store.ok)
+    arrays = [name for name in store.data_arrays() if store[name].shape[0] == n]  # not e.g. templates
+    schema = {**{name: column.dtype for name, column in cheap.items()},
+              **{name: _polars_dtype(store[name]) for name in arrays}}
+    step = max(int(store["ok"].chunks[0]), *(int(store[name].chunks[0]) for name in arrays), 1)
+
+    def read_array(name: str, lo: int, hi: int, keep: np.ndarray | None) -> pl.Series:
+        values = np.asarray(store[name][lo:hi])  # whole chunks: zarr decodes chunks anyway
+        if keep is not None:
+            values = values[keep]
+        if schema[name] == pl.String:
+            return pl.Series(name, values.astype(str), dtype=pl.String)
+        return pl.Series(name, values.astype(np.float32) if values.dtype == np.float16 else values)
+
+    def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                batch_size: int | None):
+        wanted = list(with_columns) if with_columns is not None else list(schema)
+        roots = predicate.meta.root_names() if predicate is not None else []
+        needed = list(dict.fromkeys([*wanted, *roots]))
+        early = bool(roots) and all(c in cheap for c in roots)  # decide rows before decoding arrays
+        left = n_rows
+        for lo in range(0, n, step):
+            if left is not None and left <= 0:
+                return
+            hi = min(lo + step, n)
+            columns = [cheap[c].slice(lo, hi - lo) for c in needed if c in cheap]
+            keep = None
+            if early:
+                keep = pl.DataFrame(columns).select(predicate.fill_null(False)).to_series().to_numpy()
+                if not keep.any():
+                    continue
+                columns = [column.filter(keep) for column in columns]
+            frame = pl.DataFrame(columns + [read_array(c, lo, hi, keep) for c in needed if c not in cheap])
+            if predicate is not None and not early:
+                frame = frame.filter(predicate)
+            frame = frame.select(wanted)
+            if left is not None:
+                frame = frame.head(left)
+                left -= frame.height
+            yield frame
+
+    return register_io_source(batches, schema=schema, is_pure=True, explain_name="recon store",
+                              explain_detail=str(store.path))
+
+
+def to_polars(path: str | Path, shapes: str | Path | None = None):
+    """A store as one polars DataFrame (``scan(path, shapes).collect()``): fine for small stores;
+    use :func:`scan` for anything that does not fit in memory twice."""
+    return scan(path, shapes).collect()
+
+
+def content_key(path: str | Path) -> str:
+    """A cheap identity of a complete store's content: its attrs plus the name, size and mtime of
+    every file in it (a store is written once and replaced whole, so a rewrite changes the key).
+    Independent of where the store lives."""
+    import hashlib
+    import os
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            rel = os.path.relpath(os.path.join(folder, name), path)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def decompress_to_npy(array: zarr.Array, target: Path, block_bytes: int = 256 << 20, log=None) -> Path:
+    """Decompress a zarr array once into an uncompressed ``.npy`` file that readers memory-map:
+    chunk-aligned blocks of at most ~``block_bytes`` (memory stays bounded whatever the size),
+    into a temporary file that is renamed into place, under an exclusive lock so that processes
+    on one machine (DDP ranks) decompress it once between them. A file already there is reused."""
+    import fcntl
+    import os
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the process dies, so a kill cannot wedge it
+        if target.exists():
+            return target
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+        chunk = int(array.chunks[0])
+        row_bytes = max(int(np.prod(array.shape[1:])) * array.dtype.itemsize, 1)
+        step = max(chunk, block_bytes // row_bytes // chunk * chunk)
+        for start in range(0, array.shape[0], step):
+            out[start:start + step] = array[start:start + step]
+        out.flush()
+        del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(target)
+        if log:
+            log(f"decompressed {array.shape} {array.dtype} into {target}")
+    return target

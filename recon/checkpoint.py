@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from os import PathLike
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -60,7 +61,16 @@ FINETUNE_RULES: list[Rule] = [
     ("cls_head_finetune.{i}.{p}", "head.{i}.{p}"),
 ]
 
-RULES = {"pretrain": PRETRAIN_RULES, "finetune": FINETUNE_RULES}
+# the reference part-segmentation model (segmentation/models/pt.py): encoder names as fine-tuning
+PARTSEG_RULES: list[Rule] = [
+    *[(ref, f"encoder.{ours}") for ref, ours in ENCODER_RULES],
+    ("label_conv.{i}.{p}", "label_embed.{i}.{p}"),
+    ("propagation_0.mlp_convs.{i}.{p}", "propagation.convs.{i}.{p}"),
+    ("propagation_0.mlp_bns.{i}.{p}", "propagation.bns.{i}.{p}"),
+    *[(f"{ref}{{i}}.{{p}}", f"head.{ours}{{i}}.{{p}}") for ref, ours in (("convs", "conv"), ("bns", "bn"))],
+]
+
+RULES = {"pretrain": PRETRAIN_RULES, "finetune": FINETUNE_RULES, "partseg": PARTSEG_RULES}
 
 
 def _compile(template: str) -> re.Pattern:
@@ -97,9 +107,12 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> d
 
 
 def detect_kind(state_dict: Mapping[str, Tensor]) -> str:
-    """``pretrain`` if any key lives under MAE_encoder./MAE_decoder., else ``finetune``."""
+    """``pretrain`` if any key lives under MAE_encoder./MAE_decoder., ``partseg`` if any under
+    propagation_0. (the segmentation model), else ``finetune``."""
     keys = strip_prefix(state_dict).keys()
-    return "pretrain" if any(k.startswith(("MAE_encoder.", "MAE_decoder.")) for k in keys) else "finetune"
+    if any(k.startswith(("MAE_encoder.", "MAE_decoder.")) for k in keys):
+        return "pretrain"
+    return "partseg" if any(k.startswith("propagation_0.") for k in keys) else "finetune"
 
 
 def _to_ours_tensor(our_key: str, v: Tensor) -> Tensor:
@@ -211,5 +224,7 @@ def convert_reference_checkpoint(src: str | PathLike, dst: str | PathLike,
                          "directly (only pretraining checkpoints convert to model.pt)")
     ours = reference_to_ours(reference, kind)
     config = config_from_state_dict(ours, num_heads)
-    torch.save({"model": ours, "config": config, "source": str(src)}, dst)
+    from recon.trainstate import save_atomic
+
+    save_atomic(Path(dst), {"model": ours, "config": config, "source": str(src)})
     return config

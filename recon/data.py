@@ -8,17 +8,20 @@ DataLoader workers or ranks, and exactly reproducible after a resume.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler,
+                              Sampler)
 
-from pipeline.store import StoreError, open_store
+from pipeline.store import StoreError, content_key, decompress_to_npy, open_store
 
-PRELOAD_LIMIT_BYTES = 2 << 30
+#: share of the RAM available at start-up that preloaded arrays may take (the rest: memory-mapped)
+PRELOAD_FRACTION = 0.25
 
 
 def normalize(points: np.ndarray) -> np.ndarray:
@@ -35,14 +38,68 @@ def rotate_up(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ rot.T
 
 
+def normalize_batch(points: np.ndarray) -> np.ndarray:
+    """:func:`normalize` of every cloud of a [B, n, 3] batch at once (in place)."""
+    # the mean as a product with ones: numpy reduces a middle axis ~30x slower than BLAS does
+    points -= (np.ones((1, points.shape[1]), dtype=points.dtype) @ points) / points.shape[1]
+    scale = np.sqrt(np.einsum("bni,bni->bn", points, points).max(axis=1))
+    points /= np.maximum(scale, 1e-12)[:, None, None]
+    return points
+
+
+def rotate_up_batch(points: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """:func:`rotate_up` of every cloud of a [B, n, 3] batch by its own angle."""
+    c, s = np.cos(angles), np.sin(angles)
+    rot = np.zeros((len(angles), 3, 3), dtype=points.dtype)
+    rot[:, 0, 0], rot[:, 0, 2], rot[:, 1, 1], rot[:, 2, 0], rot[:, 2, 2] = c, s, 1.0, -s, c
+    return points @ rot.transpose(0, 2, 1)
+
+
+def preload_budget(processes: int = 1) -> int:
+    """Bytes this process may preload: ``PRELOAD_FRACTION`` of the RAM available now, shared by the
+    ``processes`` on this machine that each hold their own copy (``$RECON_PRELOAD_BYTES`` overrides)."""
+    if os.environ.get("RECON_PRELOAD_BYTES"):
+        return int(os.environ["RECON_PRELOAD_BYTES"])
+    import psutil
+
+    return int(psutil.virtual_memory().available * PRELOAD_FRACTION) // max(processes, 1)
+
+
+def local_dir(cache: Path) -> Path:
+    """Where decompressed arrays are memory-mapped from: ``$RECON_LOCAL_DIR`` (e.g. a node-local
+    disk when the cache is on a shared filesystem), else ``<cache>/local``."""
+    return Path(os.environ.get("RECON_LOCAL_DIR") or Path(cache) / "local")
+
+
+def local_array(store, name: str, folder: Path, budget: int, log=None) -> np.ndarray:
+    """A store's array ready for random access: read into RAM when it fits ``budget``, otherwise
+    decompressed once into ``folder`` and memory-mapped (the page cache is then shared by loader
+    workers and DDP ranks, and nothing is copied per process)."""
+    array = store[name]
+    nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
+    label = f"{store.path.name}/{name} ({nbytes / 2**30:.2f} GiB)"
+    if nbytes <= budget:
+        if log:
+            log(f"pretrain: {label} preloaded into RAM (budget {budget / 2**30:.2f} GiB)")
+        return np.asarray(array[:])
+    target = folder / f"{store.path.name}.{name}.{content_key(store.path)}.npy"
+    decompress_to_npy(array, target, log=log)
+    for stale in folder.glob(f"{store.path.name}.{name}.*.npy"):  # earlier versions of this store
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    if log:
+        log(f"pretrain: {label} memory-mapped from {target} (over the preload budget of {budget / 2**30:.2f} GiB)")
+    return np.load(target, mmap_mode="r")
+
+
 @dataclass
 class PretrainStores:
     """Validated, aligned inputs of pretraining."""
 
     shapes: pl.DataFrame
     rows: np.ndarray            # usable rows (points ok and image features ok)
-    points: object              # np.ndarray or zarr.Array [N, P, 3]
-    image: np.ndarray | None    # [N, V, A, Di] float16
+    points: np.ndarray          # [N, P, 3] float32, in RAM or memory-mapped
+    image: np.ndarray | None    # [N, V, A, Di] float16, in RAM or memory-mapped
     text: np.ndarray | None     # [C, T, Dt] float16
     category_index: np.ndarray  # [N] row -> index into text categories
     categories: list[str]
@@ -59,10 +116,13 @@ class PretrainStores:
 
 
 def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = True,
-                         split: str | None = None) -> PretrainStores:
+                         split: str | None = None, log=None, processes: int | None = None) -> PretrainStores:
     """Open points + teacher stores, check they are aligned with shapes.parquet, drop failed rows.
 
-    Raises StoreError with the reason when ids, dims or categories do not match.
+    Points and image features are preloaded while they fit :func:`preload_budget` (for the
+    ``processes`` on this machine, default ``$LOCAL_WORLD_SIZE``), else memory-mapped from a local
+    decompressed copy (:func:`local_array`); ``log`` says which. Raises StoreError with the reason
+    when ids, dims or categories do not match.
     """
     shapes_path = cache / "shapes.parquet"
     if not shapes_path.exists():
@@ -72,11 +132,12 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
     points = open_store(cache / "points.zarr", expect_ids=ids, expect_arrays={"points": (-1, 3)})
     ok = points.ok.copy()
     fingerprint = {"points": points.params}
+    budget = preload_budget(processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    folder = local_dir(cache)
     image = text = None
     if use_image:
         image_store = open_store(cache / "teachers" / "image.zarr", expect_ids=ids,
                                  expect_arrays={"features": (-1, -1, -1)})
-        image = np.asarray(image_store["features"][:])
         ok &= image_store.ok
         fingerprint["image"] = image_store.params
     categories = sorted(shapes["category"].unique().to_list())
@@ -92,9 +153,10 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
     category_index = np.array([lookup[c] for c in shapes["category"].to_list()])
     if split is not None:
         ok &= (shapes["split"] == split).to_numpy()
-    array = points["points"]
-    nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
-    data = np.asarray(array[:]) if nbytes <= PRELOAD_LIMIT_BYTES else array
+    data = local_array(points, "points", folder, budget, log)
+    budget -= data.nbytes if not isinstance(data, np.memmap) else 0
+    if use_image:
+        image = local_array(image_store, "features", folder, budget, log)
     return PretrainStores(shapes=shapes, rows=np.flatnonzero(ok), points=data, image=image, text=text,
                           category_index=category_index, categories=categories,
                           excluded=int(len(ids) - ok.sum()), fingerprint=fingerprint)
@@ -115,7 +177,11 @@ def variant_choices(variants: int, image_variants: str = "augmented") -> range:
 class PretrainDataset(Dataset):
     """Items: a random ``n_points`` subset, re-normalised and rotated about Y, with one random
     (view, variant) image target (variants from :func:`variant_choices`) and one random
-    prompt-template text target."""
+    prompt-template text target.
+
+    :meth:`batch` builds a whole micro-batch at once (what the trainer's loader asks for); each
+    item's draws still come from its own ``default_rng([seed, epoch, index])``, so a batch holds
+    exactly the items ``dataset[i]`` gives."""
 
     def __init__(self, stores: PretrainStores, n_points: int = 1024, rotate: bool = True, seed: int = 0,
                  image_variants: str = "augmented"):
@@ -130,24 +196,102 @@ class PretrainDataset(Dataset):
         return len(self.s.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        row = int(self.s.rows[index])
-        cloud = np.asarray(self.s.points[row], dtype=np.float32)
-        pick = rng.choice(cloud.shape[0], self.n_points, replace=False)
-        pts = normalize(cloud[pick])
-        if self.rotate:
-            pts = rotate_up(pts, rng.uniform(0.0, 2.0 * math.pi))
-        item = {"points": torch.from_numpy(pts.astype(np.float32)),
-                "label": torch.tensor(int(self.s.category_index[row])),
-                "index": torch.tensor(row)}
+        return {k: v[0] for k, v in self.batch([index]).items()}
+
+    def draws(self, index: int, epoch: int) -> tuple[np.ndarray, float, int, int, int]:
+        """Item ``index``'s random choices in ``epoch``: point subset, rotation angle, view,
+        variant, template (the order in which they are drawn is part of the contract)."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        pick = rng.choice(self.s.points.shape[1], self.n_points, replace=False)
+        angle = rng.uniform(0.0, 2.0 * math.pi) if self.rotate else 0.0
+        view = variant = template = 0
         if self.s.image is not None:
             view = rng.integers(self.s.image.shape[1])
             variant = self.variants[rng.integers(len(self.variants))]
-            item["img"] = torch.from_numpy(self.s.image[row, view, variant].astype(np.float32))
         if self.s.text is not None:
-            templates = self.s.text.shape[1]
-            item["text"] = torch.from_numpy(self.s.text[self.s.category_index[row], rng.integers(templates)].astype(np.float32))
-        return item
+            template = rng.integers(self.s.text.shape[1])
+        return pick, angle, view, variant, template
+
+    def batch(self, indices, epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """Items ``indices`` of ``epoch`` (default: the current one) as one batch: per-item draws,
+        then one vectorised gather, normalisation and rotation."""
+        epoch = self.epoch if epoch is None else epoch
+        indices = [int(i) for i in indices]
+        rows = self.s.rows[indices]
+        picks, angles, views, variants, templates = zip(*(self.draws(i, epoch) for i in indices))
+        points = np.empty((len(rows), self.n_points, 3), dtype=np.float32)
+        for slot, (row, pick) in enumerate(zip(rows, picks)):
+            np.take(self.s.points[row], pick, axis=0, out=points[slot])
+        points = normalize_batch(points)
+        if self.rotate:
+            points = rotate_up_batch(points, np.asarray(angles, dtype=np.float64))
+        labels = self.s.category_index[rows]
+        out = {"points": torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)),
+               "label": torch.from_numpy(labels.astype(np.int64)),
+               "index": torch.from_numpy(rows.astype(np.int64))}
+        if self.s.image is not None:
+            out["img"] = torch.from_numpy(self.s.image[rows, np.asarray(views), np.asarray(variants)].astype(np.float32))
+        if self.s.text is not None:
+            out["text"] = torch.from_numpy(self.s.text[labels, np.asarray(templates)].astype(np.float32))
+        return out
+
+
+class MicroBatches(Dataset):
+    """``loader_dataset[(epoch, indices)]`` → :meth:`PretrainDataset.batch`: workers build whole
+    micro-batches, and the epoch travels with the indices, so persistent workers need no notice."""
+
+    def __init__(self, dataset: PretrainDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
+        epoch, indices = key
+        return self.dataset.batch(indices, epoch)
+
+
+class EpochBatches(Sampler):
+    """Per epoch, the shuffled order of the items cut into micro-batches (the last partial one
+    dropped), each yielded as ``(epoch, indices)``. The order is a function of (seed, epoch): a
+    seeded ``RandomSampler``, or ``DistributedSampler`` under DDP, as the trainer always used."""
+
+    def __init__(self, dataset: Dataset, micro_batch: int, seed: int, rank: int = 0, world: int = 1):
+        self.dataset, self.micro, self.seed, self.rank, self.world = dataset, micro_batch, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> Sampler:
+        if self.world > 1:
+            order = DistributedSampler(self.dataset, self.world, self.rank, shuffle=True, seed=self.seed, drop_last=True)
+            order.set_epoch(self.epoch)
+            return order
+        return RandomSampler(self.dataset, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+
+    def __iter__(self):
+        for indices in BatchSampler(self._order(), self.micro, drop_last=True):
+            yield self.epoch, indices
+
+    def __len__(self) -> int:
+        return len(self._order()) // self.micro
+
+
+def loader_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
+    """``auto``: none on CPU (the student's step there is ~1000× the data's), else up to 4 per
+    process, leaving a core to each training process (one worker builds ~9,000 samples/s,
+    bench/README.md)."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // max(processes, 1) - 1))
+
+
+def make_loader(dataset: PretrainDataset, sampler: EpochBatches, workers: int, pin_memory: bool) -> DataLoader:
+    """The trainer's DataLoader: whole micro-batches built by ``workers`` persistent processes,
+    prefetched (4 per worker), in pinned memory for an asynchronous copy to the GPU."""
+    return DataLoader(MicroBatches(dataset), sampler=sampler, batch_size=None, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
 
 
 def fixed_subset(cloud: np.ndarray, n_points: int, seed: int = 0) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
@@ -24,11 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from recon import trainstate
 from recon.cudagraph import GraphedForwardBackward
-from recon.data import PretrainDataset, open_pretrain_stores, variant_choices
+from recon.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
 from recon.distributed import Dist, setup, teardown
 from recon.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
 from recon.monitor import PretrainMonitor
@@ -67,7 +67,7 @@ class PretrainParams:
     bn_recalibrate: int = 0        # > 0: re-estimate BatchNorm running stats on this many train clouds each epoch
     query_lr_scale: float = 1.0    # lr multiplier of the query branch, query tokens and projections (distillation side)
     seed: int = 0
-    loader_workers: int = 0
+    loader_workers: int | str = "auto"  # "auto": none on CPU, up to 4 per GPU process (recon.data.loader_workers)
     device: str = "auto"
     compile: bool = False
     cuda_graph: bool = False       # replay forward + backward (compiled or not) as one CUDA graph, one GPU
@@ -124,7 +124,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         raise ValueError(f"unknown target_norm {p.target_norm!r}; choose from {TARGET_NORMS}")
     torch.manual_seed(p.seed + d.rank)
     use_image, use_text = "img" in p.targets, "text" in p.targets
-    stores = open_pretrain_stores(cache, use_image, use_text)
+    stores = open_pretrain_stores(cache, use_image, use_text, log=log if d.is_main else None)
     if len(stores.rows) == 0:
         raise ValueError("no usable shapes: every shape failed an earlier stage")
     if stores.excluded and d.is_main:
@@ -138,10 +138,13 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed, p.image_variants)
     variants = dataset.variants or range(0)
     micro, accum = _accumulation(p, d.world)
-    if d.enabled:
-        sampler = DistributedSampler(dataset, d.world, d.rank, shuffle=True, seed=p.seed, drop_last=True)
-    else:
-        sampler = None
+    # whole micro-batches from persistent workers, each item's draws seeded by (seed, epoch, index)
+    sampler = EpochBatches(dataset, micro, p.seed, d.rank, d.world)
+    workers = loader_workers(p.loader_workers, d.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    loader = make_loader(dataset, sampler, workers, pin_memory=d.device.type == "cuda")
+    if d.is_main:
+        log(f"pretrain: {len(dataset)} shapes, micro-batches of {micro} built by "
+            f"{workers or 'no'} loader worker{'s' if workers != 1 else ''} per process")
     model = build_model(p, stores.image_dim, stores.text_dim).to(d.device)
     stats = None
     if p.target_norm == "store":  # train-split statistics of the cached targets, computed once
@@ -190,14 +193,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
 
     for epoch in range(start_epoch, p.epochs):
         dataset.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            order = sampler
-        else:
-            order = RandomSampler(dataset, generator=torch.Generator().manual_seed(p.seed * 100003 + epoch))
-        loader = DataLoader(dataset, batch_size=micro, sampler=order, drop_last=True,
-                            num_workers=p.loader_workers, persistent_workers=False,
-                            pin_memory=d.device.type == "cuda")
+        sampler.set_epoch(epoch)  # its batches carry the epoch to the workers
         model.train()
         sums = {k: 0.0 for k in ("loss", *LOSS_TERMS)}
         seen, t0, t_data = 0, time.perf_counter(), 0.0

@@ -36,10 +36,11 @@ def _as_tuple(obj: Any) -> Any:
     return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
-def save_file(path: Path, payload: dict[str, Any]) -> Path:
-    """``torch.save`` atomically: temporary file, fsync, rename."""
+def save_atomic(path: Path, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file, fsync, rename: a kill never leaves a torn ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
@@ -49,8 +50,8 @@ def save_file(path: Path, payload: dict[str, Any]) -> Path:
 
 
 def save(folder: Path, epoch: int, payload: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write ``epoch-NNNN.pt`` atomically, then prune old ones."""
-    path = save_file(folder / f"epoch-{epoch:04d}.pt", payload)
+    """Write ``epoch-NNNN.pt`` atomically (:func:`save_atomic`), then prune old ones."""
+    path = save_atomic(folder / f"epoch-{epoch:04d}.pt", payload)
     for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         old.unlink()
     return path

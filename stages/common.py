@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 import traceback
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -38,6 +41,24 @@ class StageError(RuntimeError):
 def cache_dir() -> Path:
     """Where stores live: ``$RECON_CACHE`` or ``./cache``."""
     return Path(os.environ.get("RECON_CACHE", "cache"))
+
+
+def metrics_dir(out: Path) -> Path:
+    """Where a stage whose outputs live in ``cache/<stage>`` writes what ``dvc metrics`` and
+    ``dvc plots`` compare (metrics.json, history.csv, confusion.csv): ``cache/metrics/<stage>``.
+    Unlike the rest of cache/ these small files are tracked by git (``cache: false`` in dvc.yaml),
+    so every commit and every ``dvc exp`` carries its results; models, checkpoints, images and
+    stores stay in ``cache/<stage>``, cached by DVC."""
+    return out.parent / "metrics" / out.name
+
+
+def publish(src: Path, dst: Path) -> Path:
+    """Copy a small result file to its git-tracked place atomically (temporary file, then rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    return dst
 
 
 def params_file() -> Path:
@@ -105,16 +126,24 @@ def _guarded(fn: Callable[[Any], Any], indexed_item: tuple[int, Any]) -> Outcome
 
 
 def map_guarded(fn: Callable[[Any], Any], items: Iterable[tuple[int, Any]],
-                workers: int) -> Iterator[Outcome]:
+                workers: int, in_flight: int = 4) -> Iterator[Outcome]:
     """Apply ``fn`` to each (index, item), in order, in a pool of ``workers`` processes (or
-    in-process when 1). Exceptions become failed Outcomes."""
+    in-process when 1). Exceptions become failed Outcomes. At most ``in_flight`` items per
+    worker are submitted ahead of the consumer, so memory stays bounded whatever the number of
+    items (``Executor.map`` would submit them all at once and hold every finished result)."""
     work = partial(_guarded, fn)
     if workers <= 1:
         yield from map(work, items)
         return
     context = multiprocessing.get_context("spawn")  # no forked GL/torch state in workers
+    items = iter(items)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(work, items, chunksize=1)
+        window = deque(pool.submit(work, item) for item in islice(items, workers * in_flight))
+        while window:
+            outcome = window.popleft().result()
+            for item in islice(items, 1):
+                window.append(pool.submit(work, item))
+            yield outcome
 
 
 def write_failures(stage: str, records: list[dict], folder: Path | None = None) -> Path:
@@ -123,17 +152,24 @@ def write_failures(stage: str, records: list[dict], folder: Path | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stage}.parquet"
     table = pl.DataFrame(records, schema=FAILURE_SCHEMA) if records else pl.DataFrame(schema=FAILURE_SCHEMA)
-    tmp = path.with_suffix(".parquet.tmp")
+    tmp = path.with_suffix(f".parquet.{os.getpid()}.tmp")  # several shards may write it at once
     table.write_parquet(tmp)
     tmp.replace(path)
     return path
 
 
-def read_shapes(path: Path | None = None) -> pl.DataFrame:
+def read_shapes(path: Path | None = None, mesh_paths: bool = False) -> pl.DataFrame:
+    """The shapes table; with ``mesh_paths``, its ``mesh_path`` column made absolute (the table
+    stores paths relative to the indexed root)."""
     path = path or cache_dir() / "shapes.parquet"
     if not path.exists():
         raise StageError(f"{path} not found: run `recon index ROOT` first")
-    return pl.read_parquet(path)
+    table = pl.read_parquet(path)
+    if mesh_paths:
+        from pipeline.discover import resolve_mesh_paths
+
+        table = resolve_mesh_paths(table, path)
+    return table
 
 
 def summarise(stage: str, n_total: int, n_failed: int, seconds: float, strict: bool,

@@ -1,8 +1,11 @@
 """Stage `convert`: a public downstream dataset (or the project's own points) → a classification
-store (``pipeline/convert.py`` documents the layout), e.g. ``cache/downstream/demo.zarr``.
+store (``pipeline/convert.py`` documents the layout), e.g. ``cache/downstream/demo.zarr``; or a
+part-segmentation store (``pipeline/partseg.py``) from ShapeNetPart (``shapenetpart``) or from the
+demo meshes' parts (``demo-parts``, source: the cache folder).
 
 Unreadable rows (listed-but-missing files, too few points) are recorded in
-``cache/failures/convert.parquet`` and never stop the stage (unless ``strict``).
+``cache/failures/convert.parquet`` (``convert-<format>.parquet`` for the part-segmentation formats)
+and never stop the stage (unless ``strict``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import convert as C
+from pipeline import partseg as PS
 from stages.common import (
     StageError,
     Timer,
@@ -22,7 +26,7 @@ from stages.common import (
 
 @dataclass
 class ConvertParams:
-    format: str = "points"                 # modelnet40 | modelnet10 | pointbert-dat | fewshot-pkl | scanobjectnn | points
+    format: str = "points"                 # modelnet40 | modelnet10 | pointbert-dat | fewshot-pkl | scanobjectnn | points | shapenetpart | demo-parts
     source: str = "cache"                  # dataset root (the cache folder for `points`)
     out: str = "cache/downstream/demo.zarr"  # the store; a folder of fold stores for fewshot-pkl
     points: int | None = None              # FPS to this many points; null keeps the source's count (ModelNet text: 8192)
@@ -33,6 +37,8 @@ class ConvertParams:
     chunk_rows: int = 16
     device: str = "auto"                   # where FPS runs
     strict: bool = False
+    sampling: str = "subset"               # shapenetpart: subset | with_replacement (the reference's draw)
+    seed: int = 0                          # shapenetpart / demo-parts: per-shape seeds of the point choice
 
 
 def _device(name: str) -> str:
@@ -42,8 +48,8 @@ def _device(name: str) -> str:
 
 
 def run(p: ConvertParams) -> list[C.ConvertResult]:
-    if p.format not in C.FORMATS:
-        raise StageError(f"unknown format {p.format!r}; choose from {', '.join(C.FORMATS)}")
+    if p.format not in C.FORMATS + PS.FORMATS:
+        raise StageError(f"unknown format {p.format!r}; choose from {', '.join(C.FORMATS + PS.FORMATS)}")
     src, out, dev = Path(p.source), Path(p.out), _device(p.device)
     common = dict(chunk_rows=p.chunk_rows, device=dev, log=console.print)
     with Timer() as timer:
@@ -55,10 +61,18 @@ def run(p: ConvertParams) -> list[C.ConvertResult]:
             results = C.convert_fewshot(src, out, p.points, p.normals, p.trust_pickle, p.shape_names, **common)
         elif p.format == "scanobjectnn":
             results = [C.convert_scanobjectnn(src, out, p.variant, p.points, **common)]
+        elif p.format == "shapenetpart":
+            results = [PS.convert_shapenetpart(src, out, p.points or 2048, p.seed, p.sampling,
+                                               p.chunk_rows, console.print)]
+        elif p.format == "demo-parts":
+            from pipeline.demo_parts import convert_demo_parts
+
+            results = [convert_demo_parts(src, out, p.points or 2048, p.seed, p.chunk_rows, console.print)]
         else:
             results = [C.convert_points(src, out, p.points, **common)]
     failures = [f for r in results for f in r.failures]
-    path = write_failures("convert", failures)
+    # part-segmentation formats get their own table, so their DVC stage does not share an output
+    path = write_failures("convert" if p.format in C.FORMATS else f"convert-{p.format}", failures)
     for r in results:
         console.print(f"[green]convert: {r.rows - r.failed}/{r.rows} shapes → {r.path}[/]")
     summarise("convert", sum(r.rows for r in results), len(failures), timer.seconds, p.strict, path)

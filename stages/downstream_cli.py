@@ -33,8 +33,8 @@ def _words(text: Optional[str]) -> Optional[list[str]]:
     return [t for t in text.replace(",", " ").split()] if text else None
 
 
-def convert(format: Optional[str] = typer.Argument(None, help="modelnet40 | modelnet10 | pointbert-dat | fewshot-pkl | scanobjectnn | points [params: convert.format]"),
-            source: Optional[Path] = typer.Argument(None, help="dataset root; the cache folder for `points` [params: convert.source]"),
+def convert(format: Optional[str] = typer.Argument(None, help="modelnet40 | modelnet10 | pointbert-dat | fewshot-pkl | scanobjectnn | points | shapenetpart | demo-parts [params: convert.format]"),
+            source: Optional[Path] = typer.Argument(None, help="dataset root; the cache folder for `points` and `demo-parts` [params: convert.source]"),
             out: Optional[Path] = typer.Option(None, help="output store (a folder for fewshot-pkl) [params: convert.out]"),
             points: Optional[int] = typer.Option(None, help="FPS to this many points, e.g. 1024 or 8192 [params: convert.points]"),
             normals: Optional[bool] = typer.Option(None, "--normals/--no-normals", help="keep normals [params: convert.normals]"),
@@ -43,7 +43,8 @@ def convert(format: Optional[str] = typer.Argument(None, help="modelnet40 | mode
             shape_names: Optional[Path] = typer.Option(None, help="fewshot-pkl: modelnet40_shape_names.txt to name classes"),
             device: Optional[str] = typer.Option(None, help="where FPS runs: auto | cpu | cuda [params: convert.device]"),
             strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="exit non-zero when any shape fails")) -> None:
-    """Convert a downstream dataset (or the project's points) into a classification store."""
+    """Convert a downstream dataset (or the project's points) into a classification store, or
+    ShapeNetPart / the demo's parts into a part-segmentation store."""
     from stages import convert as stage
     from stages.common import load_params
 

@@ -5,12 +5,15 @@
 - ``teachers/text.zarr``: ``features`` float16 [C, T, D] for every category and prompt template
   (rows = categories), plus ``templates`` [T] and the prompts' category texts.
 
-Under ``torchrun`` every rank embeds a disjoint set of chunks of the same image store; rank 0
-creates and finalises it, and embeds the text store.
+Under ``torchrun``, or with ``RANK``/``WORLD_SIZE`` set by hand (SLURM array jobs, machines
+sharing a filesystem), every rank embeds its own chunks of the same image store
+(:class:`pipeline.store.Shard`; no process group needed); rank 0 embeds the text store, and the
+last rank to finish finalises the image store.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path
-from recon.distributed import Dist, setup, teardown
+from pipeline.store import ArraySpec, Shard, StoreWriter, open_store, partial_path, relative_to_store
+from recon.distributed import pick_device
 from stages.common import Timer, cache_dir, console, fault_injection, progress, read_shapes
 
 
@@ -72,33 +75,28 @@ def _image_store_params(p: EmbedParams, teacher_identity: dict, renders_params: 
             "chunk_rows": p.chunk_rows, "precision": p.precision}
 
 
-def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_ids: list[str]) -> None:
+def embed_images(p: EmbedParams, shard: Shard, device: torch.device, renders_path: Path, out: Path,
+                 shape_ids: list[str]) -> None:
     from pipeline.teachers import load_teacher
 
     renders = open_store(renders_path, expect_ids=shape_ids)
     n_views = renders["images"].shape[1]
-    teacher = load_teacher(p.image_teacher, "image", p.image_weights, device=str(d.device))
+    teacher = load_teacher(p.image_teacher, "image", p.image_weights, device=str(device))
     teacher.precision = p.precision
     size = teacher.preprocessing.size
     arrays = {"features": ArraySpec((n_views, p.variants, teacher.dim), "float16", p.chunk_rows)}
     params = _image_store_params(p, teacher.identity(), renders.params)
-    provenance = {"teacher": teacher.identity(), "renders_store": str(renders_path.resolve()),
+    provenance = {"teacher": teacher.identity(), "renders_store": relative_to_store(renders_path, out),
                   "augmentation": "variant 0: the clean view; 1..: RandomResizedCrop(0.64-1) + hflip + "
                                   "RandAugment(2, 10) + 16x16 cutout at the teacher's input size, "
                                   "seeded per (shape, view, variant)"}
-    writer = StoreWriter.open(out, shape_ids, arrays, params, provenance, log=console.print) if d.is_main else None
-    up_to_date = torch.tensor([int(d.is_main and writer is None)])
-    if d.enabled:
-        torch.distributed.broadcast(up_to_date, 0)
-    if up_to_date.item():
-        if d.is_main:
+    writer = StoreWriter.open(out, shape_ids, arrays, params, provenance,
+                              log=console.print if shard.rank == 0 else (lambda *_: None), shard=shard)
+    if writer is None:
+        if shard.rank == 0:
             console.print(f"embed: {out} is up to date")
         return
-    d.barrier()
-    if not d.is_main:
-        writer = StoreWriter.open(out, shape_ids, arrays, params, provenance, log=lambda *_: None)
-    blocks = [b for k, b in enumerate(writer.pending_blocks()) if k % d.world == d.rank]
-    d.barrier()  # every rank has listed the pending blocks before any rank writes
+    blocks = list(writer.pending_blocks())  # this shard's chunks
     if p.limit is not None:
         blocks = _limit_blocks(blocks, p.limit)
 
@@ -106,7 +104,7 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
                         batch_sampler=[b.tolist() for b in blocks], num_workers=p.loader_workers)
     n_rows = sum(b.size for b in blocks)
     with Timer() as timer, progress("shapes") as bar:
-        task = bar.add_task(f"embed images ({teacher.name}" + (f", rank {d.rank}" if d.enabled else "") + ")",
+        task = bar.add_task(f"embed images ({teacher.name}" + (f", {shard}" if shard.world > 1 else "") + ")",
                             total=n_rows)
         for block, images in zip(blocks, loader):
             ok = renders.ok[block]
@@ -125,13 +123,14 @@ def embed_images(p: EmbedParams, d: Dist, renders_path: Path, out: Path, shape_i
             writer.write_rows(block, {"features": feats}, ok)
             fault_injection(block)
             bar.advance(task, block.size)
-    d.barrier()
-    if d.is_main:
-        if (~writer.done_mask()).any():
-            console.print(f"[yellow]embed: stopped after --limit; run again to continue "
-                          f"({partial_path(out)})[/]")
-            return
-        writer.finalise()
+    if not writer.all_done():
+        if p.limit is not None:
+            console.print(f"[yellow]embed: stopped after --limit; run again to continue ({partial_path(out)})[/]")
+        else:
+            console.print(f"embed: {shard} wrote its chunks ({n_rows} shapes, {timer.seconds:.1f} s); "
+                          "the last shard to finish finalises the store")
+        return
+    if writer.finalise() is not None:
         console.print(f"[green]embed images: {len(shape_ids)} shapes × {n_views} views × {p.variants} "
                       f"variants → {out} ({timer.seconds:.1f} s)[/]")
 
@@ -178,21 +177,20 @@ def embed_texts(p: EmbedParams, device: torch.device, categories: list[str], out
 
 def run(p: EmbedParams, shapes: Path | None = None, renders: Path | None = None,
         out_dir: Path | None = None) -> Path:
-    d = setup(p.device)
-    try:
-        table = read_shapes(shapes)
-        out_dir = out_dir or cache_dir() / "teachers"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        renders = renders or cache_dir() / "renders.zarr"
-        if d.is_main:
-            pairs = table.select("category", "synset").unique().sort("category")
-            categories = pairs["category"].to_list()
-            if len(set(categories)) != len(categories):
-                raise ValueError(f"categories with several synset ids in {shapes or 'shapes.parquet'}: "
-                                 f"{sorted({c for c in categories if categories.count(c) > 1})[:5]}")
-            embed_texts(p, d.device, categories, out_dir / "text.zarr",
-                        [str(s or "") for s in pairs["synset"].to_list()])
-        embed_images(p, d, renders, out_dir / "image.zarr", table["id"].to_list())
-        return out_dir
-    finally:
-        teardown(d)
+    shard = Shard.from_env()
+    device = pick_device(p.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    table = read_shapes(shapes)
+    out_dir = out_dir or cache_dir() / "teachers"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    renders = renders or cache_dir() / "renders.zarr"
+    if shard.rank == 0:
+        pairs = table.select("category", "synset").unique().sort("category")
+        categories = pairs["category"].to_list()
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"categories with several synset ids in {shapes or 'shapes.parquet'}: "
+                             f"{sorted({c for c in categories if categories.count(c) > 1})[:5]}")
+        embed_texts(p, device, categories, out_dir / "text.zarr", [str(s or "") for s in pairs["synset"].to_list()])
+    embed_images(p, shard, device, renders, out_dir / "image.zarr", table["id"].to_list())
+    return out_dir

@@ -3,8 +3,9 @@
 Tasks: ``svm`` (linear SVM on frozen features), ``zeroshot`` (text-teacher prototypes, test split
 only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). With ``baseline`` the same
 tasks also run on the checkpoint's network at random init (seeded), reported beside it under
-``random_init``. Outputs (``out``, by default ``cache/evaluate/``, the pipeline's own DVC output):
-``metrics.json`` (one section per task) and, for zero-shot, ``zeroshot/confusion.csv`` + ``confusion.png``.
+``random_init``. Outputs of the pipeline's own run: ``cache/evaluate/zeroshot/confusion.png`` and,
+git-tracked in ``cache/metrics/evaluate/``, ``metrics.json`` (one section per task) and
+``zeroshot/confusion.csv``; a run by hand with ``out`` writes all of them into that folder.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from recon.finetune import (
     load_init,
     write_confusion,
 )
-from stages.common import StageError, cache_dir, console, load_params
+from stages.common import StageError, cache_dir, console, load_params, metrics_dir, publish
 
 TASKS = ("svm", "zeroshot", "fewshot")
 
@@ -66,7 +67,11 @@ def params(overrides: dict | None = None) -> EvaluateParams:
 
 
 def run(p: EvaluateParams, out: Path | None = None) -> dict:
-    out = out or (Path(p.out) if p.out else cache_dir() / "evaluate")
+    if out is None and p.out:   # by hand: everything in the given folder
+        out = results = Path(p.out)
+    else:                       # the pipeline's own: metrics git-tracked in cache/metrics/evaluate
+        out = out or cache_dir() / "evaluate"
+        results = metrics_dir(out)
     unknown = sorted(set(p.tasks) - set(TASKS))
     if unknown:
         raise StageError(f"unknown evaluate task(s) {unknown}; choose from {TASKS}")
@@ -96,6 +101,8 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
             if name == "pretrained":
                 write_confusion(out / "zeroshot", pred, test.labels, test.class_names,
                                 f"zero-shot top-1 {zs['top1_acc']:.2f}%")
+                if results != out:
+                    publish(out / "zeroshot" / "confusion.csv", results / "zeroshot" / "confusion.csv")
             sections[name]["zeroshot"] = zs
             console.print(f"zeroshot ({name}, {zs['shape_feature']}): top-1 {zs['top1_acc']:.2f}%, "
                           f"top-5 {zs['top5_acc']:.2f}%")
@@ -113,7 +120,6 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
             else:
                 settings = FewshotSettings(p.fewshot_ways, p.fewshot_shots, p.fewshot_folds, p.fewshot_query, p.seed)
                 sections[name]["fewshot"] = fewshot_eval(train, test, settings, ft, init, console.print)
-    out.mkdir(parents=True, exist_ok=True)
-    trainstate.write_json(out / "metrics.json", metrics)
-    console.print(f"[green]evaluate: done → {out / 'metrics.json'}[/]")
+    trainstate.write_json(results / "metrics.json", metrics)
+    console.print(f"[green]evaluate: done → {results / 'metrics.json'}[/]")
     return metrics

@@ -1,6 +1,6 @@
 """Stage `export`: the fine-tuned classifier (``cache/finetune/model.pt``) → ONNX with the grouping
 in the graph (``cache/export/classifier.onnx``), checked against torch with onnxruntime
-(``cache/export/check.json``: max |logit difference|, must be <= 1e-4)."""
+(``cache/metrics/export/check.json``, git-tracked: max |logit difference|, must be <= 1e-4)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from recon import trainstate
 from recon.export import OPSET, check_onnx, export_onnx
 from recon.finetune import load_finetuned
-from stages.common import console, load_params
+from stages.common import console, load_params, metrics_dir
 
 
 @dataclass
@@ -37,6 +37,6 @@ def run(p: ExportParams) -> dict:
     if p.check:
         points = np.random.default_rng(p.seed).normal(size=(2, n_points, 3)).astype(np.float32)
         report["max_abs_diff"] = check_onnx(path, model, points, p.atol)
-    trainstate.write_json(path.parent / "check.json", report)
+    trainstate.write_json(metrics_dir(path.parent) / "check.json", report)
     console.print(f"[green]export: {path}[/]", report)
     return report

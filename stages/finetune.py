@@ -1,9 +1,10 @@
 """Stage `finetune`: fine-tune a classifier on a classification store, per seed.
 
 Outputs (``cache/finetune/``): ``seed-<s>/`` (checkpoints, history.csv, model.pt, metrics.json,
-confusion.csv/png of each seed) and, at the top level, ``metrics.json`` (the seed's metrics, or
-mean ± std over a ``seeds`` sweep with every seed's numbers) plus ``model.pt``, ``history.csv``,
-``confusion.csv`` and ``confusion.png`` of the first seed.
+confusion.csv/png of each seed) and, at the top level, ``model.pt`` and ``confusion.png`` of the first
+seed. Git-tracked results (``cache/metrics/finetune/``): ``metrics.json`` (the seed's metrics, or
+mean ± std over a ``seeds`` sweep with every seed's numbers), ``history.csv`` and ``confusion.csv``
+of the first seed.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from recon.finetune import (
     load_init,
     summarise_seeds,
 )
-from stages.common import cache_dir, console, load_params
+from stages.common import cache_dir, console, load_params, metrics_dir, publish
 from stages.pretrain import LossBar
 
-TOP_LEVEL = ("model.pt", "history.csv", "confusion.csv", "confusion.png")
+TOP_LEVEL = ("model.pt", "confusion.png")       # the first seed's, DVC-cached in cache/finetune
+PUBLISHED = ("history.csv", "confusion.csv")    # the first seed's, git-tracked in cache/metrics/finetune
 
 
 def params(overrides: dict | None = None) -> FinetuneParams:
@@ -54,7 +56,10 @@ def run(p: FinetuneParams, out: Path | None = None) -> dict:
         for name in TOP_LEVEL:
             if (first / name).exists():
                 shutil.copy2(first / name, out / name)
-        trainstate.write_json(out / "metrics.json", metrics)
+        for name in PUBLISHED:
+            if (first / name).exists():
+                publish(first / name, metrics_dir(out) / name)
+        trainstate.write_json(metrics_dir(out) / "metrics.json", metrics)
         headline = {k: round(v, 2) for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
         console.print(f"[green]finetune: done → {out}[/]", headline)
         return metrics

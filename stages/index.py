@@ -8,8 +8,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.discover import build_table
-from stages.common import as_jsonable, cache_dir, console, write_failures
+from pipeline.discover import DuplicateShapeIds, build_table, recorded_root
+from stages.common import StageError, as_jsonable, cache_dir, console, write_failures
 
 
 @dataclass
@@ -23,12 +23,16 @@ class IndexParams:
 
 def run(p: IndexParams, out: Path | None = None) -> pl.DataFrame:
     out = out or cache_dir() / "shapes.parquet"
-    table, skipped, split_rule = build_table(Path(p.root), Path(p.split_dir) if p.split_dir else None,
-                                 p.test_fraction, p.seed, p.limit)
+    try:
+        table, skipped, split_rule = build_table(Path(p.root), Path(p.split_dir) if p.split_dir else None,
+                                                 p.test_fraction, p.seed, p.limit)
+    except DuplicateShapeIds as err:
+        raise StageError(f"index: {err}") from err
     if table.is_empty():
         raise SystemExit(f"index: no meshes found under {p.root}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"recon": json.dumps({"params": as_jsonable(p), "root": str(Path(p.root).resolve()),
+    # mesh paths are relative to the root, recorded once (relative to this table when given relative)
+    meta = {"recon": json.dumps({"params": as_jsonable(p), "root": recorded_root(Path(p.root), out.parent),
                                  "split_rule": split_rule})}
     tmp = out.with_suffix(".parquet.tmp")
     table.write_parquet(tmp, metadata=meta)

@@ -10,22 +10,33 @@ import polars as pl
 from rich.table import Table
 
 from pipeline.feature_stats import feature_report
-from pipeline.store import open_store, to_polars
+from pipeline.store import open_store, scan
 from stages.common import console
 
 STORE_NAMES = ("renders.zarr", "points.zarr", "teachers/image.zarr", "teachers/text.zarr")
 
 
-def _shapes_for(store_path: Path) -> pl.DataFrame | None:
-    for folder in (store_path.parent, store_path.parent.parent):
-        if (folder / "shapes.parquet").exists():
-            return pl.read_parquet(folder / "shapes.parquet")
-    return None
+def clean_view_features(frame: pl.LazyFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per ok shape, its image-teacher feature of the clean variant averaged over views, and its
+    category; read a chunk at a time, so memory holds [shapes, D], never the whole store."""
+    features, labels = [], []
+    for batch in frame.filter(pl.col("ok")).select("category", "features").collect_batches():
+        features.append(batch["features"].to_numpy()[:, :, 0].mean(axis=1))  # [b, V, A, D] -> [b, D]
+        labels.append(batch["category"].to_numpy())
+    return np.concatenate(features or [np.zeros((0, 0), np.float32)]), np.concatenate(labels or [np.zeros(0, object)])
 
 
-def describe(path: Path, k: int = 5) -> dict:
+def _sample(features: np.ndarray, labels: np.ndarray, max_items: int, seed: int = 0):
+    """At most ``max_items`` rows, seeded (the sanity statistics compare all pairs: O(items²))."""
+    if len(labels) <= max_items:
+        return features, labels
+    rows = np.sort(np.random.default_rng(seed).choice(len(labels), max_items, replace=False))
+    return features[rows], labels[rows]
+
+
+def describe(path: Path, k: int = 5, max_items: int = 4096) -> dict:
     """A JSON-able summary of one store: counts per category/split, failures, provenance, and
-    teacher sanity statistics for feature stores."""
+    teacher sanity statistics for feature stores (on at most ``max_items`` seeded rows)."""
     store = open_store(path)
     report: dict = {"store": str(path), "rows": int(store.ids.size), "ok": int(store.ok.sum()),
                     "failed": int((~store.ok).sum()), "arrays": {
@@ -35,17 +46,16 @@ def describe(path: Path, k: int = 5) -> dict:
     failures = path / "failures.jsonl"
     if failures.exists():
         report["failures"] = [json.loads(line) for line in failures.read_text().splitlines() if line.strip()]
-    shapes = _shapes_for(path)
+    frame = scan(path)  # with category and split when a shapes table is found (not for the text store)
     is_text = store.rows_are_categories
-    if shapes is not None and not is_text:
-        table = pl.DataFrame({"id": store.ids, "ok": store.ok}).join(shapes, on="id", how="left")
-        counts = table.group_by("category", "split").agg(pl.len().alias("shapes"), pl.col("ok").sum().alias("ok"))
-        report["counts"] = counts.sort("category", "split").to_dicts()
+    if "category" in frame.collect_schema():
+        counts = frame.group_by("category", "split").agg(pl.len().alias("shapes"), pl.col("ok").sum().alias("ok"))
+        report["counts"] = counts.sort("category", "split").collect().to_dicts()
         if "features" in store.data_arrays():
-            feats = np.asarray(store["features"][:], dtype=np.float32)[store.ok]
-            clean = feats[:, :, 0].mean(axis=1)  # variant 0 (clean) averaged over views
-            labels = table.filter(pl.col("ok"))["category"].to_numpy()
-            report["teacher_sanity"] = feature_report(clean, labels, k)
+            clean, labels = clean_view_features(frame)
+            report["teacher_sanity"] = feature_report(*_sample(clean, labels, max_items), k)
+            if len(labels) > max_items:
+                report["teacher_sanity"]["sampled_from"] = int(len(labels))
     if is_text:
         feats = np.asarray(store["features"][:], dtype=np.float32)
         c, t, d = feats.shape
@@ -99,6 +109,8 @@ def run(path: Path, as_json: bool = False, parquet: Path | None = None, k: int =
     if parquet is not None:
         if len(stores) != 1:
             raise FileNotFoundError("--parquet exports one store: name it, not the cache folder")
-        to_polars(stores[0]).write_parquet(parquet)
+        tmp = parquet.with_name(parquet.name + ".tmp")
+        scan(stores[0]).sink_parquet(tmp)  # streamed a chunk at a time
+        tmp.replace(parquet)
         console.print(f"exported {stores[0]} → {parquet}")
     return reports

@@ -1,4 +1,6 @@
-"""The loop shared by per-shape stages (render, sample): resumable, pooled, failure-tolerant."""
+"""The loop shared by per-shape stages (render, sample): resumable, pooled, failure-tolerant,
+and sharded by chunk across processes or machines (``RANK``/``WORLD_SIZE``, see
+:class:`pipeline.store.Shard`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
-from pipeline.store import ArraySpec, StoreWriter, open_store, partial_path, read_failure_log
+from pipeline.store import ArraySpec, Shard, StoreWriter, open_store, partial_path, read_failure_log
 from stages.common import (Timer, cache_dir, console, fault_injection, map_guarded, progress,
                            summarise, write_failures)
 
@@ -22,15 +24,17 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
 
     Rows already done in a partial store are skipped; failed rows are recorded, marked not ok
     and written as zeros. ``limit`` processes at most that many pending rows and leaves the
-    store partial (resumable). Returns True when the store is complete.
+    store partial (resumable). Under ``RANK``/``WORLD_SIZE`` this process does its shard's
+    chunks; whichever shard finishes last finalises. Returns True when the store is complete.
     """
     ids = table["id"].to_list()
-    writer = StoreWriter.open(store_path, ids, arrays, store_params, provenance, log=console.print)
+    shard = Shard.from_env()
+    writer = StoreWriter.open(store_path, ids, arrays, store_params, provenance, log=console.print, shard=shard)
     if writer is None:
         console.print(f"{stage}: {store_path} is up to date ({len(ids)} shapes)")
         store = open_store(store_path)
-        failures = list(read_failure_log(store_path).values())
-        write_failures(stage, failures, failures_dir)
+        if shard.rank == 0:
+            write_failures(stage, list(read_failure_log(store_path).values()), failures_dir)
         summarise(stage, len(ids), int((~store.ok).sum()), 0.0, strict, _failures_file(stage, failures_dir))
         return True
 
@@ -44,7 +48,7 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
     blocks = [b for b in blocks if b.size]
 
     with Timer() as timer, progress() as bar:
-        task = bar.add_task(stage, total=len(todo))
+        task = bar.add_task(stage + (f" ({shard})" if shard.world > 1 else ""), total=len(todo))
         outcomes = map_guarded(fn, ((r, rows[r]) for r in todo), workers)
         for block in blocks:
             data = {name: np.zeros((block.size, *spec.row_shape), dtype=spec.dtype)
@@ -69,10 +73,15 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
     failures = writer.failures()
     n_pending = int((~writer.done_mask()).sum())
     if n_pending:
-        console.print(f"[yellow]{stage}: stopped after --limit; {n_pending} shapes still pending in "
-                      f"{partial_path(store_path)}. Run again to continue.[/]")
+        if limit is not None:
+            console.print(f"[yellow]{stage}: stopped after --limit; {n_pending} shapes still pending in "
+                          f"{partial_path(store_path)}. Run again to continue.[/]")
+        else:
+            console.print(f"{stage}: {shard} wrote its chunks ({len(todo)} shapes, {timer.seconds:.1f} s); "
+                          f"{n_pending} shapes of other shards pending, the last shard to finish finalises")
         return False
-    writer.finalise()
+    if writer.finalise() is None:  # another shard finished at the same moment and finalises
+        return False
     path = write_failures(stage, failures, failures_dir)
     summarise(stage, len(ids), len(failures), timer.seconds, strict, path)
     return True

@@ -1,10 +1,12 @@
 """Stage `pretrain`: train the ReCon student on points + cached teacher targets.
 
 Outputs (``cache/pretrain/``): ``checkpoints/epoch-NNNN.pt`` (the last k), ``model.pt`` (final
-weights + config + target statistics), ``history.csv`` (per epoch: losses, lr, samples/s, and the
-monitor's figures: losses on fixed train and test shapes next to their mean-target baselines, the
-k-NN / SVM probe of the model and of the same network at random init) and ``metrics.json`` (the
-last epoch's figures, the probe per feature part, the options that decide the targets).
+weights + config + target statistics) and ``history.csv`` (rewritten every epoch). Git-tracked results
+(``cache/metrics/pretrain/``): ``history.csv`` of the finished run (per epoch: losses, lr, samples/s,
+and the monitor's figures: losses on fixed train and test shapes next to their mean-target
+baselines, the k-NN / SVM probe of the model and of the same network at random init) and
+``metrics.json`` (the last epoch's figures, the probe per feature part, the options that decide
+the targets).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from recon import trainstate
 from recon.pretrain import PretrainParams, train
-from stages.common import cache_dir, console, load_params
+from stages.common import cache_dir, console, load_params, metrics_dir
 
 
 class LossBar:
@@ -57,12 +59,13 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
             if ratio is not None and ratio > 0.95:
                 console.print(f"[yellow]pretrain: test loss_{term} is {ratio:.2f}x the loss of predicting the mean "
                               f"target: nothing shape-specific learned from that teacher yet[/]")
-    trainstate.save_file(out / "model.pt", {"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
-                                            "categories": result["stores"].categories,
-                                            "target_norm": p.target_norm,
-                                            "target_stats": stats.state() if stats else None})
-    trainstate.write_json(out / "metrics.json", metrics)
-    console.print(f"[green]pretrain: done → {out}[/]", metrics)
+    trainstate.save_atomic(out / "model.pt", {"model": model.state_dict(), "config": trainstate.jsonable(model.cfg),
+                                              "categories": result["stores"].categories,
+                                              "target_norm": p.target_norm,
+                                              "target_stats": stats.state() if stats else None})
+    trainstate.write_json(metrics_dir(out) / "metrics.json", metrics)
+    trainstate.write_history(metrics_dir(out), history)
+    console.print(f"[green]pretrain: done → {out}, {metrics_dir(out)}[/]", metrics)
     return metrics
 
 

@@ -45,7 +45,7 @@ def _render_row(config, row: dict) -> dict[str, np.ndarray]:
 
 
 def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) -> Path:
-    table = read_shapes(shapes)
+    table = read_shapes(shapes, mesh_paths=True)
     out = out or cache_dir() / "renders.zarr"
     config = render_config(p)
     store_params = {k: v for k, v in as_jsonable(p).items()

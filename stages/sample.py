@@ -31,7 +31,7 @@ def _sample_row(n_points: int, seed: int, row: dict) -> dict[str, np.ndarray]:
 
 def run(p: SampleParams, shapes: Path | None = None, out: Path | None = None) -> bool:
     """Sample every shape; True when the store is complete (False: stopped by --limit)."""
-    table = read_shapes(shapes)
+    table = read_shapes(shapes, mesh_paths=True)
     out = out or cache_dir() / "points.zarr"
     store_params = {k: v for k, v in as_jsonable(p).items() if k in ("points", "seed", "chunk_rows")}
     from pipeline.sampling import NORMALIZATION, SAMPLER_NAME

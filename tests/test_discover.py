@@ -70,3 +70,49 @@ def test_limit_keeps_first_ids(tmp_path):
         _write(tmp_path / "box" / f"{i}.obj")
     table, _, _ = build_table(tmp_path, limit=2)
     assert table["id"].to_list() == ["box-0", "box-1"]
+
+
+def test_same_stem_files_get_suffixed_ids_and_relative_paths(tmp_path):
+    for name in ("x.obj", "x.ply", "y.obj", "sub/x.stl"):
+        _write(tmp_path / "mug" / name)
+    table, _, _ = build_table(tmp_path)
+    # only the clashing stem gets its suffix; the nested file keeps its path-derived id
+    assert table["id"].to_list() == ["mug-sub-x", "mug-x-obj", "mug-x-ply", "mug-y"]
+    assert table["mesh_path"].to_list() == ["mug/sub/x.stl", "mug/x.obj", "mug/x.ply", "mug/y.obj"]
+
+
+def test_ids_that_clash_even_with_suffixes_are_refused(tmp_path):
+    import pytest
+    from pipeline.discover import DuplicateShapeIds
+    _write(tmp_path / "mug" / "a" / "b.obj")
+    _write(tmp_path / "mug" / "a-b.obj")
+    with pytest.raises(DuplicateShapeIds, match=r"mug-a-b-obj: .*mug/a/b.obj, .*mug/a-b.obj. Rename"):
+        build_table(tmp_path)
+    _write(tmp_path / "x" / "b-c.obj")   # across category folders: x/b-c.obj and x-b/c.obj
+    _write(tmp_path / "x-b" / "c.obj")
+    (tmp_path / "mug" / "a-b.obj").unlink()
+    with pytest.raises(DuplicateShapeIds, match=r"x-b-c: "):
+        build_table(tmp_path)
+
+
+def test_same_stem_real_meshes_index_render_and_sample_consistently(meshes_dir, tmp_path, monkeypatch):
+    """Real files with one stem in one category (fuze.obj next to a fuze.ply copy of the bunny):
+    every file is its own row, and the stage summary agrees with the store."""
+    import shutil
+
+    import numpy as np
+    from pipeline.store import open_store
+    from stages import index, sample
+    root = tmp_path / "meshes" / "thing"
+    root.mkdir(parents=True)
+    for name in ("fuze.obj", "fuze.obj.mtl", "fuze uv.jpg"):
+        shutil.copy2(meshes_dir / name, root / name)
+    shutil.copy2(meshes_dir / "bunny.ply", root / "fuze.ply")
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
+    table = index.run(index.IndexParams(root=str(tmp_path / "meshes")))
+    assert table["id"].to_list() == ["thing-fuze-obj", "thing-fuze-ply"]
+    assert sample.run(sample.SampleParams(points=256, workers=1))
+    store = open_store(tmp_path / "cache" / "points.zarr", expect_ids=table["id"].to_list())
+    assert store.ok.all()
+    a, b = store["points"][:]
+    assert not np.allclose(a, b)  # two different meshes, not one read twice

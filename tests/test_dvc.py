@@ -1,5 +1,7 @@
 """`dvc repro` of a tiny demo in a temporary copy of the project: runs end to end, a second run
-is a no-op, and a render param change reruns render and its dependents, nothing upstream."""
+is a no-op, and a render param change reruns render and its dependents, nothing upstream. Then a
+two-experiment sweep (`dvc exp run --queue`): every row of `dvc exp show` carries every metrics
+file, and `dvc metrics diff` / `dvc plots diff` compare the two experiments."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -37,12 +40,30 @@ def _project_files() -> list[str]:
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
-def _dvc(project: Path, *args: str) -> str:
+def _dvc(project: Path, *args: str, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "RECON_CACHE": "cache", "RECON_PARAMS": "params.yaml"}
     result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
+    return result.stdout if stdout_only else result.stdout + result.stderr
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout
+
+
+def _declared(project: Path) -> tuple[list[str], list[str], list[str]]:
+    """dvc.yaml's (metrics, plots, outs) paths: metrics and plots with ``cache: false``, cached outs."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    found: dict[str, list[str]] = {"metrics": [], "plots": [], "outs": []}
+    for stage in stages.values():
+        for kind in found:
+            for entry in stage.get(kind, []):
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                if kind != "outs":
+                    assert options.get("cache") is False, f"{path}: metrics and plots belong in git"
+                found[kind].append(path)
+    return found["metrics"], found["plots"], found["outs"]
 
 
 def _ran(output: str) -> set[str]:
@@ -60,26 +81,41 @@ def project(tmp_path_factory) -> Path:
         params.setdefault(section, {}).update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    _git(project, "config", "user.name", "recon tests")  # dvc exp commits need an identity
+    _git(project, "config", "user.email", "tests@recon.invalid")
     return project
+
+
+def test_metrics_and_plots_are_git_tracked_and_artifacts_are_not():
+    """What `dvc metrics/plots diff` and `dvc exp show` compare must be in git (so commits and
+    experiments carry it); what DVC caches must not be."""
+    metrics, plots, outs = _declared(ROOT)
+    assert metrics and plots
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+    assert [p for p in metrics + plots if ignored(p)] == []
+    assert [p for p in outs if not ignored(p)] == []
+    assert all(p.startswith("cache/metrics/") for p in metrics + plots)
+    assert not ignored("cache/README.md") and ignored("cache/metrics/pretrain/metrics.json.tmp")
 
 
 def test_repro_then_noop_then_partial_rerun(project):
     first = _dvc(project, "repro")
     assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
                            "finetune", "evaluate", "export"}
-    pretrain = json.loads((project / "cache" / "pretrain" / "metrics.json").read_text())
+    pretrain = json.loads((project / "cache" / "metrics" / "pretrain" / "metrics.json").read_text())
     for term in ("img", "text"):
         assert pretrain[f"test_loss_{term}_ratio"] == pytest.approx(
             pretrain[f"test_loss_{term}"] / pretrain[f"test_loss_{term}_baseline"])
     assert set(pretrain["probe"]["pretrained"]["knn_by_part"]) == {"cls", "img", "txt", "pooled"}
     assert pretrain["probe"]["pretrained"]["knn"] == pretrain["probe_knn"]
     assert pretrain["test_shapes_held_out"] is True and pretrain["target_norm"] == "store"
-    evaluation = json.loads((project / "cache" / "evaluate" / "metrics.json").read_text())
+    evaluation = json.loads((project / "cache" / "metrics" / "evaluate" / "metrics.json").read_text())
     assert {"svm", "zeroshot", "random_init"} <= set(evaluation)
     second = _dvc(project, "repro")
     assert _ran(second) == set(), second
     metrics = _dvc(project, "metrics", "show")
-    assert "loss_rec" in metrics and "cache/finetune/metrics.json" in metrics
+    assert "loss_rec" in metrics and "cache/metrics/finetune/metrics.json" in metrics
     plots = _dvc(project, "plots", "show", "--json")
     assert "confusion" in plots and "probe_knn_random_init" in plots and "test_loss_text_ratio" in plots
 
@@ -88,3 +124,55 @@ def test_repro_then_noop_then_partial_rerun(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = _dvc(project, "repro")
     assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export"}, third
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    """Flattened numeric leaves of a metrics file."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _numbers(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+    return flat
+
+
+def test_experiment_sweep_rows_carry_their_metrics(project):
+    """The README's recipe on the tiny demo: commit a baseline, queue a two-value sweep, run it,
+    and compare. Every row of `dvc exp show` (baseline and both experiments) has every metrics
+    file, each experiment its own values; metrics/plots diff see the difference."""
+    _dvc(project, "repro")  # a no-op after the test above; the whole demo when run alone
+    _git(project, "add", "-A")
+    _git(project, "commit", "-q", "-m", "baseline")
+    metrics_files, plot_files, _ = _declared(project)
+    assert set(_git(project, "ls-files", "cache/metrics").split()) == set(metrics_files + plot_files)
+
+    _dvc(project, "exp", "run", "--queue", "-S", "finetune.epochs=1,3")
+    ran = _dvc(project, "exp", "run", "--run-all")
+    assert _ran(ran) == {"finetune", "export"}, ran  # everything upstream comes from the DVC cache
+
+    rows = json.loads(_dvc(project, "exp", "show", "--json", stdout_only=True))
+    baseline = next(r for r in rows if r["rev"] != "workspace")
+    experiments = [e["revs"][0] for e in baseline["experiments"]]
+    by_epochs = {e["data"]["params"]["params.yaml"]["data"]["finetune"]["epochs"]: e for e in experiments}
+    assert sorted(by_epochs) == [1, 3]
+    for row in (baseline, *experiments):
+        found = row["data"]["metrics"]
+        for name in metrics_files:
+            assert "error" not in found.get(name, {"error": "missing"}), (row["name"], name, found.get(name))
+            assert _numbers(found[name]["data"]), (row["name"], name)
+    finetune = "cache/metrics/finetune/metrics.json"
+    assert baseline["data"]["metrics"][finetune]["data"]["epochs"] == TINY["finetune"]["epochs"]
+    for epochs, row in by_epochs.items():  # each experiment's own numbers, not the baseline's
+        assert row["data"]["metrics"][finetune]["data"]["epochs"] == epochs
+        pretrain = row["data"]["metrics"]["cache/metrics/pretrain/metrics.json"]["data"]
+        assert pretrain == baseline["data"]["metrics"]["cache/metrics/pretrain/metrics.json"]["data"]
+
+    one, three = by_epochs[1]["name"], by_epochs[3]["name"]
+    diff = json.loads(_dvc(project, "metrics", "diff", one, three, "--json", stdout_only=True))
+    assert diff[finetune]["epochs"] == {"old": 1, "new": 3, "diff": 2}
+    assert "cache/metrics/pretrain/metrics.json" not in diff  # pretraining did not change
+    plots = json.loads(_dvc(project, "plots", "diff", one, three, "--json", stdout_only=True))
+    points = [v for plot in plots["data"]["finetune_history"] for v in plot["content"]["data"]["values"]
+              if v.get("field") == "loss"]
+    assert Counter(v["rev"] for v in points) == {one: 1, three: 3}  # one history row per epoch

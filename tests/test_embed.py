@@ -78,6 +78,7 @@ def test_stores_layout_and_text_features_equal_a_direct_forward(cache):
     assert store["features"].shape[1:3] == (1, 1) and store["features"].dtype == np.float16
     assert not store.ok[2] and store.ok.sum() == 11  # the failed render is excluded
     assert store.provenance["teacher"]["weights"] == "random"
+    assert store.provenance["renders_store"] == "../renders.zarr"  # relative: no clone path in a store
     text = open_store(cache / "teachers" / "text.zarr")
     assert text.ids.tolist() == ["ball", "box", "can"]
     assert text["features"].shape == (3, 60, 384)

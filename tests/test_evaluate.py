@@ -196,9 +196,9 @@ def test_evaluate_stage_svm_and_zeroshot(tmp_path, monkeypatch):
                                 E.class_text_features(text, test.class_names)[0])
     assert zs["top1_acc"] == pytest.approx(100 * float((scores.argmax(1) == test.labels).mean()))
     assert "random_init" not in metrics
-    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text()) == metrics
-    confusion = (tmp_path / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()
-    assert len(confusion) == 10
+    assert json.loads((tmp_path / "metrics" / "evaluate" / "metrics.json").read_text()) == metrics
+    confusion = (tmp_path / "metrics" / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()
+    assert len(confusion) == 10 and (tmp_path / "evaluate" / "zeroshot" / "confusion.png").stat().st_size > 1000
     assert sum(row.split(",")[0] == row.split(",")[1] for row in confusion[1:]) == round(zs["top1_acc"] * 9 / 100)
 
 
@@ -239,8 +239,8 @@ def test_cli_evaluate_by_hand_keeps_the_pipeline_metrics(tmp_path, monkeypatch):
     args = ["evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--store", str(store)]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and "give --out" in refused.output
-    assert not (tmp_path / "cache" / "evaluate").exists()
+    assert not (tmp_path / "cache").exists()
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "mine"), "--baseline"])
     assert done.exit_code == 0, done.output
     written = json.loads((tmp_path / "mine" / "metrics.json").read_text())
-    assert set(written["random_init"]["svm"]) == set(written["svm"]) and not (tmp_path / "cache" / "evaluate").exists()
+    assert set(written["random_init"]["svm"]) == set(written["svm"]) and not (tmp_path / "cache").exists()

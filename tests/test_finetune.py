@@ -222,17 +222,19 @@ def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
     assert summary["seeds"] == [0, 1] and len(summary["per_seed"]) == 2
     accs = [m["test_acc"] for m in summary["per_seed"]]
     assert summary["test_acc_mean"] == pytest.approx(np.mean(accs)) and summary["test_acc_std"] == pytest.approx(np.std(accs))
-    assert json.loads((out / "metrics.json").read_text()) == summary
+    published = tmp_path / "metrics" / "finetune"  # git-tracked results, next to the run folder
+    assert json.loads((published / "metrics.json").read_text()) == summary
     seed0 = json.loads((out / "seed-0" / "metrics.json").read_text())
     assert seed0["seed"] == 0 and seed0["selection"] == "last epoch" and seed0["epochs"] == 2
     assert seed0["test_shapes"] == 33 and seed0["votes"] == 2
     assert len(seed0["per_class_acc"]) == 33 and seed0["mean_class_acc"] == pytest.approx(seed0["test_acc"])
-    with open(out / "confusion.csv") as f:
+    with open(published / "confusion.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 33 and set(rows[0]) == {"actual", "predicted"}
     assert sum(r["actual"] == r["predicted"] for r in rows) == round(seed0["test_acc"] * 33 / 100)
     assert (out / "confusion.png").stat().st_size > 1000
-    assert len((out / "history.csv").read_text().splitlines()) == 3
+    assert len((published / "history.csv").read_text().splitlines()) == 3
+    assert not (out / "metrics.json").exists() and not (published / "model.pt").exists()
     model, ckpt = FT.load_finetuned(out / "model.pt")
     assert len(ckpt["class_names"]) == 40 and model(torch.randn(2, 128, 3)).shape == (2, 40)
     # the recorded single-pass and voted accuracies are those of the saved (seed 0) model

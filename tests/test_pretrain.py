@@ -481,3 +481,19 @@ def test_batchnorm_recalibration_is_the_average_over_the_clouds():
     torch.testing.assert_close(embed.bn1.running_var, x.var(0, unbiased=True))
     assert not model.training and not embed.bn1.training and embed.bn1.momentum == 0.1
     assert eval_vs_train_mode() < 1e-2         # now the same up to the unbiased/biased variance factor
+
+
+def test_model_file_is_replaced_atomically(tmp_path, monkeypatch):
+    """A save killed half-way (here: torch.save raising after writing some bytes) leaves the
+    previous model.pt intact and readable."""
+    path = trainstate.save_atomic(tmp_path / "model.pt", {"w": torch.ones(3)})
+
+    def torn_save(obj, f):
+        f.write(b"half a pickle")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainstate.save_atomic(path, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    torch.testing.assert_close(trainstate.load(path)["w"], torch.ones(3))

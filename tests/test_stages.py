@@ -194,3 +194,65 @@ def test_render_views_option_overrides_params(workdir, tmp_path, monkeypatch):
     assert partial["images"].shape[1:] == (2, 32, 32, 3)
     assert partial.attrs["params"]["views"] == [[0.0, 0.0], [90.0, 10.0]]
     assert int(partial["done"][:].sum()) == 2
+
+
+def _clone_cache_files(clone: Path) -> dict[str, bytes]:
+    cache = clone / "cache"
+    names = ["shapes.parquet"] + [str(p.relative_to(cache)) for store in ("renders.zarr", "points.zarr")
+                                  for p in sorted((cache / store).rglob("*")) if p.is_file()]
+    return {name: (cache / name).read_bytes() for name in names}
+
+
+def test_the_same_inputs_in_two_clones_give_byte_identical_stores(tmp_path, monkeypatch):
+    """index, render and sample of the same demo at two different absolute paths (as `dvc repro`
+    runs them: from the clone, with relative paths) write the same bytes, and mesh paths are
+    relative to a root recorded once."""
+    from pipeline.discover import table_metadata
+    from stages import demo_data, index, render, sample
+    files = {}
+    for clone in (tmp_path / "a", tmp_path / "deeper" / "b"):
+        clone.mkdir(parents=True)
+        monkeypatch.chdir(clone)
+        monkeypatch.setenv("RECON_CACHE", "cache")
+        demo_data.run(demo_data.DemoParams(out="cache/demo_meshes", shapes_per_category=2, categories=["mug", "chair"]))
+        index.run(index.IndexParams(root="cache/demo_meshes"))
+        assert render.run(render.RenderParams(resolution=32, workers=1, chunk_rows=2))
+        assert sample.run(sample.SampleParams(points=256, workers=1, chunk_rows=2))
+        files[clone] = _clone_cache_files(clone)
+        assert open_store(Path("cache/renders.zarr")).ok.all()
+    a, b = files.values()
+    assert sorted(a) == sorted(b) and len(a) > 10
+    assert [name for name in a if a[name] != b[name]] == []
+    shapes = Path("cache/shapes.parquet")
+    assert table_metadata(shapes)["root"] == "demo_meshes"
+    assert not any(p.startswith("/") for p in pl.read_parquet(shapes)["mesh_path"])
+    for name, data in a.items():
+        assert str(tmp_path).encode() not in data, name
+
+
+@pytest.mark.parametrize("stage,store", [("sample", "points.zarr"), ("render", "renders.zarr")])
+def test_two_processes_write_the_store_one_process_writes(workdir, tmp_path, stage, store):
+    """RANK/WORLD_SIZE (torchrun, or a SLURM array job): two concurrent processes share the chunks
+    of one store on a shared folder and give, byte for byte, the one-process store (failures too)."""
+    caches = {}
+    for name in ("one", "two"):
+        caches[name] = tmp_path / name / "cache"
+        caches[name].mkdir(parents=True)
+        (caches[name] / "shapes.parquet").write_bytes((workdir / "cache" / "shapes.parquet").read_bytes())
+    code = "import sys; from cli import app; sys.argv = ['recon', *sys.argv[1:]]; app()"
+    env = {**os.environ, "RECON_CACHE": str(caches["two"]), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", code, stage, "--workers", "1"], cwd=workdir, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**env, "RANK": str(r)})
+             for r in (0, 1)]
+    single = _stage_subprocess(workdir, stage, "--workers", "1", env={"RECON_CACHE": str(caches["one"])})
+    outputs = [r.communicate(timeout=300)[0] for r in ranks]
+    assert single.returncode == 0 and [r.returncode for r in ranks] == [0, 0], outputs
+    assert "rank 1/2" in " ".join(outputs).replace("\n", " ")
+    a, b = (open_store(caches[n] / store) for n in ("one", "two"))
+    assert b.group["done"][:].all() and b.ok.sum() == 9
+    files = [{str(p.relative_to(c / store)): p.read_bytes() for p in sorted((c / store).rglob("*")) if p.is_file()}
+             for c in caches.values()]
+    assert sorted(files[0]) == sorted(files[1]) and "failures.jsonl" in files[0]
+    assert [name for name in files[0] if files[0][name] != files[1][name]] == []
+    failures = pl.read_parquet(caches["two"] / "failures" / f"{stage}.parquet")
+    assert sorted(failures["id"]) == ["broken-empty", "broken-flat", "broken-nan", "broken-truncated"]
