@@ -55,6 +55,8 @@ def study_params(p: StudyStageParams, stores: dict[str, str]) -> StudyParams:
 def run(p: StudyStageParams, cache: Path | None = None) -> dict:
     cache = cache or cache_dir()
     out = Path(p.out)
+    if p.quick and p.out == StudyStageParams.out:   # a smoke run never replaces the real study's table
+        out = out.with_name(out.name + "-quick")
     stores = dict(p.stores) or {}
     if not stores:
         if not Path(p.demo_store).exists():
