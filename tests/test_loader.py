@@ -29,7 +29,9 @@ def reference_item(stores, seed, epoch, index, n_points):
     pick = rng.choice(cloud.shape[0], n_points, replace=False)
     pts = rotate_up(normalize(cloud[pick]), rng.uniform(0.0, 2.0 * math.pi)).astype(np.float32)
     views, variants = stores.image.shape[1:3]
-    img = stores.image[row, rng.integers(views), rng.integers(variants)].astype(np.float32)
+    view = rng.integers(views)
+    variant = 1 + rng.integers(variants - 1) if variants > 1 else 0   # an augmented variant, never the clean one
+    img = stores.image[row, view, variant].astype(np.float32)
     text = stores.text[stores.category_index[row], rng.integers(stores.text.shape[1])].astype(np.float32)
     return pts, img, text, int(stores.category_index[row]), row
 
