@@ -12,18 +12,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline import layout
 from pipeline.store import open_store
 from recon import trainstate
 from recon.distributed import setup, teardown
-from recon.finetune import (
-    FinetuneParams,
-    finetune,
-    load_classification,
-    load_init,
-    summarise_seeds,
-)
-from stages.common import cache_dir, console, load_params, metrics_dir, publish
-from stages.pretrain import LossBar
+from recon.cls_data import load_classification
+from recon.finetune import FinetuneParams, finetune
+from recon.metrics import summarise_seeds
+from recon.weights import load_init
+from stages.common import LossBar, cache_dir, console, load_params, metrics_dir, publish
 
 TOP_LEVEL = ("model.pt", "confusion.png")       # the first seed's, DVC-cached in cache/finetune
 PUBLISHED = ("history.csv", "confusion.csv")    # the first seed's, git-tracked in cache/metrics/finetune
@@ -34,7 +31,7 @@ def params(overrides: dict | None = None) -> FinetuneParams:
 
 
 def run(p: FinetuneParams, out: Path | None = None) -> dict:
-    out = out or cache_dir() / "finetune"
+    out = out or layout.CacheLayout(cache_dir()).stage("finetune")
     d = setup(p.device)
     try:
         store = open_store(p.store)
