@@ -102,7 +102,8 @@ def test_agrees_with_the_reference_validate_loop():
     target = np.stack([rng.choice(parts[c][: rng.integers(1, len(parts[c]) + 1)], 64) for c in category])
     logits = rng.normal(size=(40, 64, 9)).astype(np.float32)
     logits[:, :16] += 4.0 * np.eye(9, dtype=np.float32)[target[:, :16]]   # some points right, some not
-    ref_pred, ref_ious, ref_class, ref_instance = reference_validate(logits, target, {"a": parts[0], "b": parts[1], "c": parts[2]})
+    seg_classes = {"a": parts[0], "b": parts[1], "c": parts[2]}
+    ref_pred, ref_ious, ref_class, ref_instance = reference_validate(logits, target, seg_classes)
     pred = restrict_to_category(logits, category, parts)
     assert pred.tolist() == ref_pred.tolist()
     ious = shape_ious(pred, target, category, parts)
