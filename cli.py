@@ -203,8 +203,9 @@ def convert(format: Optional[str] = typer.Argument(None, help="modelnet40 | mode
 
 
 @app.command("finetune")
-def finetune(store: Optional[Path] = typer.Option(None, help="classification store [params: finetune.store]"),
-             profile: Optional[str] = typer.Option(None, help="scanobjectnn(-hardest) | scanobjectnn-objbg | scanobjectnn-objonly | modelnet40 | modelnet40-8k | fewshot | demo [params: finetune.profile]"),
+def finetune(task: str = typer.Option("classification", help="classification (params: finetune) | partseg (params: partseg)"),
+             store: Optional[Path] = typer.Option(None, help="classification or part-segmentation store [params: <section>.store]"),
+             profile: Optional[str] = typer.Option(None, help="classification: scanobjectnn(-hardest) | scanobjectnn-objbg | scanobjectnn-objonly | modelnet40 | modelnet40-8k | fewshot | demo; partseg: shapenetpart | demo-partseg [params: <section>.profile]"),
              init: Optional[str] = typer.Option(None, help="model.pt / epoch checkpoint / reference .pth / scratch [params: finetune.init]"),
              protocol: Optional[str] = typer.Option(None, help="full | mlp3 | linear [params: finetune.protocol]"),
              epochs: Optional[int] = typer.Option(None, help="[params: finetune.epochs; default: the profile's]"),
@@ -218,13 +219,13 @@ def finetune(store: Optional[Path] = typer.Option(None, help="classification sto
              seeds: Optional[str] = typer.Option(None, "--seeds", help="a sweep, e.g. '0,1,2': reports mean ± std [params: finetune.seeds]"),
              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [params: finetune.device]"),
              max_steps: Optional[int] = typer.Option(None, help="stop after N optimiser steps (smoke test)")) -> None:
-    """Fine-tune a classifier on a classification store (torchrun: DDP)."""
+    """Fine-tune a classifier, or part segmentation (--task partseg), on a downstream store (torchrun: DDP)."""
     from stages import finetune as stage
 
-    p = stage.params(dict(store=str(store) if store else None, profile=profile, init=init, protocol=protocol,
-                          epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, n_points=n_points, votes=votes,
-                          val_fraction=val_fraction, seed=seed, seeds=_ints(seeds), device=device,
-                          max_steps=max_steps))
+    overrides = dict(store=str(store) if store else None, profile=profile, init=init, protocol=protocol,
+                     epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, n_points=n_points, votes=votes,
+                     val_fraction=val_fraction, seed=seed, seeds=_ints(seeds), device=device, max_steps=max_steps)
+    p = _run(stage.params, overrides, task)
     _run(stage.run, p)
 
 

@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from pipeline import layout
 from recon import trainstate
@@ -82,6 +83,14 @@ PROFILES: dict[str, Profile] = {
     # the embedded demo: a short, larger-lr schedule stepped per optimiser step (not a paper recipe)
     "demo": Profile(1024, 64, 32, 2e-4, 20, 2, 16, 0.2, "scale_translate", "scale", True, "step"),
 }
+#: part segmentation (``recon/partseg_finetune.py``): the reference's ShapeNetPart recipe (batch 16,
+#: 300 epochs, lr 1e-4 with the new layers at 10x, 10 warm-up epochs, 2,048 points, 128 groups of
+#: 32, drop path 0.1, no voting), and the demo's, small enough for a minute on two CPU cores
+PARTSEG_PROFILES: dict[str, Profile] = {
+    "shapenetpart": Profile(2048, 128, 32, 1e-4, 300, 10, 16, 0.1, "scale_shift", "none", False),
+    "demo-partseg": Profile(512, 32, 32, 1e-3, 6, 1, 16, 0.1, "scale_shift", "none", False, "step"),
+}
+SEG_AUGMENTATIONS = ("none", "scale_shift")   # scale_shift: recon.partseg_data.scale_and_translate
 #: the ScanObjectNN variant (``pipeline/convert.py``) each ScanObjectNN profile is the recipe for
 SCANOBJECTNN_VARIANTS = {"scanobjectnn": "PB_T50_RS", "scanobjectnn-hardest": "PB_T50_RS",
                          "scanobjectnn-objbg": "OBJ_BG", "scanobjectnn-objonly": "OBJ_ONLY"}
@@ -91,9 +100,10 @@ SCANOBJECTNN_VARIANTS = {"scanobjectnn": "PB_T50_RS", "scanobjectnn-hardest": "P
 class FinetuneParams:
     profile: str = "demo"
     store: str = layout.default(layout.DEMO_STORE)
-    init: str = layout.default(layout.PRETRAINED) # our model.pt / epoch checkpoint, a reference .pth, or "scratch"
+    init: str = layout.default(layout.PRETRAINED)  # our model.pt / epoch checkpoint, a reference .pth, or "scratch"
     variant: str = "tiny"                    # architecture when init is "scratch"
     model: dict = field(default_factory=dict)  # ReConConfig overrides
+    seg: dict = field(default_factory=dict)    # PartSegConfig overrides (part segmentation)
     protocol: str = "full"                   # full | mlp3 | linear
     # None: the profile's value
     n_points: int | None = None
@@ -123,19 +133,28 @@ class FinetuneParams:
     keep_last: int = 2
     max_steps: int | None = None             # stop early (smoke tests)
 
+    @property
+    def task(self) -> str:
+        """``partseg`` for a part-segmentation profile, else ``classification``."""
+        return "partseg" if self.profile in PARTSEG_PROFILES else "classification"
+
     def recipe(self) -> Profile:
         """The profile with this run's overrides applied."""
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown profile {self.profile!r}; choose from {list(PROFILES)}")
+        profiles = {**PROFILES, **PARTSEG_PROFILES}
+        if self.profile not in profiles:
+            raise ValueError(f"unknown profile {self.profile!r}; choose from {list(profiles)}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose from {list(PROTOCOLS)}")
-        base = PROFILES[self.profile]
+        if self.task == "partseg" and self.protocol != "full":
+            raise ValueError(f"part segmentation fine-tunes everything (protocol full), not {self.protocol!r}")
+        base = profiles[self.profile]
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(Profile)
                    if getattr(self, f.name) is not None}
         recipe = dataclasses.replace(base, **changes)
+        allowed = SEG_AUGMENTATIONS if self.task == "partseg" else AUGMENTATIONS
         for kind in (recipe.augment, recipe.vote_augment):
-            if kind not in AUGMENTATIONS:
-                raise ValueError(f"unknown augmentation {kind!r}; choose from {AUGMENTATIONS}")
+            if kind not in allowed:
+                raise ValueError(f"unknown augmentation {kind!r}; choose from {allowed}")
         if recipe.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {recipe.schedule!r}; choose from {SCHEDULES}")
         return recipe
@@ -157,12 +176,110 @@ class FinetuneParams:
 RUNTIME_ONLY = ("device", "loader_workers", "keep_last", "max_steps", "eval_batch", "votes", "seeds", "seed", "store")
 
 
+# ----------------------------------------------------------------------------- tasks
+
+
+class Task(Protocol):
+    """What the fine-tuning loop needs to know about a task (classification, part segmentation)."""
+
+    name: str                    # "classification" | "partseg"
+    code: tuple[str, ...]        # modules whose source decides what the task computes (besides TRAINING_CODE)
+    selection_key: str | None    # a per-epoch validation figure whose best epoch is reported instead of the last
+    selection_name: str          # how metrics.json names that choice
+
+    @property
+    def train_size(self) -> int: ...
+
+    def dataset(self) -> Dataset:
+        """Training items (dicts of tensors), with ``set_epoch(epoch)`` for the seeded draws."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def boosted(self, model: nn.Module) -> tuple[str, ...]:
+        """Parameter names (substrings) trained at ``head_lr_scale`` x the learning rate."""
+
+    def logits_and_targets(self, net: nn.Module, batch: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Logits [M, K] and targets [M] of a batch: cross entropy and accuracy are taken over the M rows."""
+
+    def epoch_figures(self, model: nn.Module) -> dict[str, float]:
+        """Figures recorded in the history after every epoch (a validation accuracy, a test mIoU)."""
+
+    def evaluate(self, model: nn.Module, out: Path | None, title: str) -> tuple[dict[str, Any], np.ndarray | None]:
+        """Score the reported model once on the test split: (metrics, predictions); writes its pictures in ``out``."""
+
+    def save(self, path: Path, model: nn.Module, epoch: int) -> None: ...
+
+
+class ClassificationTask:
+    """Shape classification on a classification store: FPS supersets, random subsets, the profile's
+    augmentation; optional validation split (``val_fraction``) to select the epoch; single-pass and
+    voted test accuracy, per-class accuracy and the confusion plot."""
+
+    name, code = "classification", ()
+
+    def __init__(self, p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
+                 init: InitSource | None, device: torch.device):
+        self.p, self.recipe, self.seed, self.init, self.device = p, p.recipe(), seed, init, device
+        self.val = None
+        if p.val_fraction > 0:
+            tr_rows, val_rows = stratified_split(train.labels, p.val_fraction, seed)
+            train, self.val = train.subset(tr_rows), train.subset(val_rows)
+        if len(train) < 2:
+            raise ValueError(f"{len(train)} training shapes: need at least 2 (BatchNorm in the head)")
+        self.train, self.test = train, test
+        self.selection_key = "val_acc" if self.val is not None else None
+        self.selection_name = "best validation accuracy"
+        self.val_clouds = prepare(self.val, self.recipe, device)[:, :self.recipe.n_points] \
+            if self.val is not None and len(self.val) else None
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    def dataset(self) -> TrainSet:
+        superset = prepare(self.train, self.recipe, self.device)
+        return TrainSet(superset, self.train.labels, self.recipe.n_points, self.recipe.augment, self.seed)
+
+    def build_model(self) -> ReConClassifier:
+        return build_classifier(self.p, self.train.num_classes, self.init, self.recipe)
+
+    def boosted(self, model: nn.Module) -> tuple[str, ...]:
+        return BOOSTED
+
+    def logits_and_targets(self, net: nn.Module, batch: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+        return net(batch["points"].to(device)), batch["label"].to(device)
+
+    def epoch_figures(self, model: nn.Module) -> dict[str, float]:
+        if self.val_clouds is None:
+            return {}
+        logits = predict_logits(model, self.val_clouds, self.p.eval_batch, self.device)
+        return {"val_acc": accuracy(logits.argmax(1), self.val.labels)}
+
+    def evaluate(self, model: nn.Module, out: Path | None, title: str) -> tuple[dict[str, Any], np.ndarray | None]:
+        metrics: dict[str, Any] = {}
+        if self.val is not None:
+            metrics["val_shapes"] = len(self.val)
+        if self.test is None or not len(self.test):
+            return metrics, None
+        result = evaluate_classifier(model, self.test, self.recipe, self.p.votes, self.seed, self.p.eval_batch,
+                                     self.device)
+        pred = result.pop("_pred")
+        metrics.update(result)
+        if out is not None:
+            write_confusion(out, pred, self.test.labels, self.test.class_names,
+                            f"{title}: {metrics['test_acc']:.2f}% (single pass)")
+        return metrics, pred
+
+    def save(self, path: Path, model: nn.Module, epoch: int) -> None:
+        save_model(path, model, self.train.class_names, self.p, self.recipe, epoch)
+
+
 # ----------------------------------------------------------------------------- training
 
 
 @dataclass
 class FinetuneResult:
-    model: ReConClassifier
+    model: nn.Module
     metrics: dict[str, Any]
     history: list[dict]
     pred: np.ndarray | None = None
@@ -173,44 +290,48 @@ TRAINING_CODE = ("recon.model", "recon.pointops", "recon.data", "recon.optim", "
                  "recon.cls_data", "recon.weights", "recon.inference", "recon.metrics")
 
 
-def run_identity(p: FinetuneParams, seed: int, store_fingerprint: Any, init: InitSource | None = None) -> dict:
+def run_identity(p: FinetuneParams, seed: int, store_fingerprint: Any, init: InitSource | None = None,
+                 code: tuple[str, ...] = ()) -> dict:
     """What a resumed run must share with its checkpoint: params, seed, data, the initial
     weights themselves (a re-pretrained ``model.pt`` at the same path is another run) and the
     training code."""
     params = {k: v for k, v in trainstate.jsonable(p).items() if k not in RUNTIME_ONLY}
     return {"params": params, "seed": seed, "store": store_fingerprint,
             "init": trainstate.state_digest(init.state) if init is not None else "scratch",
-            "code": trainstate.code_fingerprint(*TRAINING_CODE)}
+            "code": trainstate.code_fingerprint(*TRAINING_CODE, *code)}
 
 
 def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int, out: Path | None = None,
              d: Dist | None = None, init: InitSource | None = None, store_fingerprint: Any = None,
              progress_factory: Callable | None = None, log=print) -> FinetuneResult:
-    """Fine-tune on ``train`` and evaluate the selected model once on ``test``.
+    """Fine-tune a classifier on ``train`` and evaluate the selected model once on ``test``.
 
     With ``out``: per-epoch atomic checkpoints in ``out/checkpoints`` (exact resume), ``history.csv``,
     and, on the main rank, ``model.pt``, ``metrics.json``, ``confusion.csv`` / ``confusion.png``.
     """
     d = d or Dist(device=pick_device(p.device))
+    task = ClassificationTask(p, train, test, seed, init, d.device)
+    return train_task(p, task, seed, out, d, init, store_fingerprint, progress_factory, log)
+
+
+def train_task(p: FinetuneParams, task: Task, seed: int, out: Path | None = None, d: Dist | None = None,
+               init: InitSource | None = None, store_fingerprint: Any = None,
+               progress_factory: Callable | None = None, log=print) -> FinetuneResult:
+    """The fine-tuning loop of every task: cross entropy, AdamW with the task's boosted names,
+    warm-up + cosine, grad-norm clip; exact resume from ``out/checkpoints``; the last epoch (or
+    the best by ``task.selection_key``, never a test figure) is scored once by ``task.evaluate``."""
+    d = d or Dist(device=pick_device(p.device))
     recipe = p.recipe()
     device = d.device
     torch.manual_seed(seed + d.rank)
-    val = None
-    if p.val_fraction > 0:
-        tr_rows, val_rows = stratified_split(train.labels, p.val_fraction, seed)
-        train, val = train.subset(tr_rows), train.subset(val_rows)
-    if len(train) < 2:
-        raise ValueError(f"{len(train)} training shapes: need at least 2 (BatchNorm in the head)")
-    superset = prepare(train, recipe, device)
-    val_superset = prepare(val, recipe, device)[:, :recipe.n_points] if val is not None and len(val) else None
-    dataset = TrainSet(superset, train.labels, recipe.n_points, recipe.augment, seed)
+    dataset = task.dataset()
     micro = max(2, min(recipe.batch_size // d.world, len(dataset) // d.world))
     steps_per_epoch = len(dataset) // (micro * d.world)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training shapes is fewer than one batch on {d.world} processes")
-    model = build_classifier(p, train.num_classes, init, recipe).to(device)
-    optimizer = adamw(model, p.weight_decay, recipe.lr, BOOSTED, p.head_lr_scale)
-    identity = run_identity(p, seed, store_fingerprint, init)
+    model = task.build_model().to(device)
+    optimizer = adamw(model, p.weight_decay, recipe.lr, task.boosted(model), p.head_lr_scale)
+    identity = run_identity(p, seed, store_fingerprint, init, task.code)
     ckpt_dir = out / "checkpoints" if out is not None else None
     start_epoch, step, history, best = 0, 0, [], None
     state = trainstate.resume(ckpt_dir, identity, d, log, "finetune") if ckpt_dir is not None else None
@@ -228,6 +349,7 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
                         p.min_lr, p.warmup_lr)
     trainable = [q for q in model.parameters() if q.requires_grad]
     autocast = autocast_for(device)
+    key = task.selection_key
 
     for epoch in range(start_epoch, recipe.epochs):
         dataset.set_epoch(epoch)
@@ -242,10 +364,10 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
             if progress_factory and d.is_main else None
         for batch in loader:
             set_lr(optimizer, schedule.lr(step))
-            points, labels = batch["points"].to(device), batch["label"].to(device)
+            # forward in bf16 on CUDA; the loss in float32 over every row (shape or point)
             with autocast:
-                logits = net(points)
-            loss = F.cross_entropy(logits.float(), labels)
+                logits, targets = task.logits_and_targets(net, batch, device)
+            loss = F.cross_entropy(logits.float(), targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -254,9 +376,9 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
                 torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
             optimizer.step()
             step += 1
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
+            loss_sum += float(loss.detach()) * len(targets)
+            correct += int((logits.argmax(1) == targets).sum())
+            seen += len(targets)
             if bar is not None:
                 bar.update(loss=loss_sum / seen, acc=100 * correct / seen)
             if p.max_steps is not None and step >= p.max_steps:
@@ -267,11 +389,11 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
         record = {"epoch": epoch, "step": step, "lr": group["lr"] / group.get("lr_scale", 1.0),
                   "loss": loss_sum / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
                   "epoch_s": time.perf_counter() - t0}
-        if val_superset is not None:
-            record["val_acc"] = accuracy(predict_logits(model, val_superset, p.eval_batch, device).argmax(1), val.labels)
-            if best is None or record["val_acc"] > best["val_acc"]:
-                best = {"epoch": epoch, "val_acc": record["val_acc"],
-                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        # per-epoch figures for the history; only a validation figure may select the reported epoch
+        record.update(task.epoch_figures(model))
+        if key is not None and (best is None or record[key] > best[key]):
+            best = {"epoch": epoch, key: record[key],
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         history.append(record)
         if d.is_main and ckpt_dir is not None:
             trainstate.save(ckpt_dir, epoch, {
@@ -290,22 +412,17 @@ def finetune(p: FinetuneParams, train: ClsData, test: ClsData | None, seed: int,
     selection, selected_epoch = "last epoch", history[-1]["epoch"] if history else -1
     if best is not None:
         model.load_state_dict(best["model"])
-        selection, selected_epoch = "best validation accuracy", best["epoch"]
+        selection, selected_epoch = task.selection_name, best["epoch"]
     metrics: dict[str, Any] = {"seed": seed, "protocol": p.protocol, "profile": p.profile,
                                "selection": selection, "selected_epoch": selected_epoch,
-                               "epochs": len(history), "train_shapes": len(train)}
+                               "epochs": len(history), "train_shapes": task.train_size}
     if best is not None:
-        metrics["val_acc"] = best["val_acc"]
-        metrics["val_shapes"] = len(val)
+        metrics[key] = best[key]
     pred = None
-    if d.is_main and test is not None and len(test):
-        result = evaluate_classifier(model, test, recipe, p.votes, seed, p.eval_batch, device)
-        pred = result.pop("_pred")
+    if d.is_main:
+        result, pred = task.evaluate(model, out, f"{p.profile} {p.protocol} seed {seed}")
         metrics.update(result)
-        if out is not None:
-            write_confusion(out, pred, test.labels, test.class_names,
-                            f"{p.profile} {p.protocol} seed {seed}: {metrics['test_acc']:.2f}% (single pass)")
     if d.is_main and out is not None:
-        save_model(out / "model.pt", model, train.class_names, p, recipe, selected_epoch)
+        task.save(out / "model.pt", model, selected_epoch)
         trainstate.write_json(out / "metrics.json", metrics)
     return FinetuneResult(model, metrics, history, pred)

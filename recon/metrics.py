@@ -61,13 +61,19 @@ def write_confusion(out: Path, pred: np.ndarray, labels: np.ndarray, class_names
     plt.close(fig)
 
 
-def summarise_seeds(per_seed: list[dict]) -> dict[str, Any]:
-    """mean ± std (ddof 0) of the accuracies over seeds, with every seed's numbers."""
+#: the figures a seeds sweep summarises, per task
+SEED_FIGURES = {"classification": ("test_acc", "test_vote_acc", "mean_class_acc", "val_acc"),
+                "partseg": ("test_instance_miou", "test_class_miou")}
+PER_CLASS_FIGURES = ("per_class_acc", "per_category_miou")   # left out of the per-seed list
+
+
+def summarise_seeds(per_seed: list[dict], task: str = "classification") -> dict[str, Any]:
+    """mean ± std (ddof 0) of the task's test figures over seeds, with every seed's numbers."""
     summary: dict[str, Any] = {"seeds": [m["seed"] for m in per_seed]}
-    for key in ("test_acc", "test_vote_acc", "mean_class_acc", "val_acc"):
+    for key in SEED_FIGURES[task]:
         values = [m[key] for m in per_seed if key in m]
         if values:
             summary[f"{key}_mean"] = float(np.mean(values))
             summary[f"{key}_std"] = float(np.std(values))
-    summary["per_seed"] = [{k: v for k, v in m.items() if k != "per_class_acc"} for m in per_seed]
+    summary["per_seed"] = [{k: v for k, v in m.items() if k not in PER_CLASS_FIGURES} for m in per_seed]
     return summary
