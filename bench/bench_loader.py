@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.layout import CacheLayout  # noqa: E402
 from recon.data import EpochBatches, PretrainDataset, make_loader, open_pretrain_stores  # noqa: E402
 
 SHAPENET_SHAPES = 52_470
@@ -76,15 +77,16 @@ def generate_cache(cache: Path, shapes: int, points: int, views: int, variants: 
         return x
 
     t0 = time.perf_counter()
-    write(cache / "points.zarr", ids, "points", ArraySpec((points, 3), "float32", chunk_rows), clouds)
-    write(cache / "teachers" / "image.zarr", ids, "features",
+    where = CacheLayout(cache)
+    write(where.points, ids, "points", ArraySpec((points, 3), "float32", chunk_rows), clouds)
+    write(where.image_features, ids, "features",
           ArraySpec((views, variants, image_dim), "float16", chunk_rows),
           lambda rng, n: rng.standard_normal((n, views, variants, image_dim), dtype=np.float32).astype(np.float16))
-    write(cache / "teachers" / "text.zarr", categories, "features",
+    write(where.text_features, categories, "features",
           ArraySpec((templates, text_dim), "float16", len(categories)),
           lambda rng, n: rng.standard_normal((n, templates, text_dim), dtype=np.float32).astype(np.float16))
     pl.DataFrame({"id": ids, "synset": [""] * shapes, "category": cats, "split": ["train"] * shapes,
-                  "mesh_path": [""] * shapes, "status": ["indexed"] * shapes}).write_parquet(cache / "shapes.parquet")
+                  "mesh_path": [""] * shapes, "status": ["indexed"] * shapes}).write_parquet(where.shapes)
     print(f"generated {shapes} shapes into {cache} in {time.perf_counter() - t0:.0f} s")
 
 
@@ -149,7 +151,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__}")
-    if not (args.cache / "shapes.parquet").exists():
+    if not CacheLayout(args.cache).shapes.exists():
         generate_cache(args.cache, args.shapes, args.points, args.views, args.variants, args.image_dim, args.text_dim)
     t0 = time.perf_counter()
     stores = open_pretrain_stores(args.cache, log=print)

@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.layout import CacheLayout  # noqa: E402
+
 
 class StepClock:
     """A progress 'bar' for `train`: records when each optimiser step ends."""
@@ -103,7 +105,7 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     summary: dict = {}
-    if not (args.cache / "shapes.parquet").exists():
+    if not CacheLayout(args.cache).shapes.exists():
         sys.path.insert(0, str(ROOT / "bench"))
         from bench_loader import generate_cache
         generate_cache(args.cache, args.shapes, 8192, 1, 10, 768, 512)

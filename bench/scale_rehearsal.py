@@ -29,6 +29,10 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import layout  # noqa: E402
+
 CATEGORIES = 12
 
 PRETRAIN = """
@@ -124,11 +128,12 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; {n} shapes in {work}", flush=True)
     cli = [sys.executable, "-c", "import sys; from cli import app; sys.argv = ['recon', *sys.argv[1:]]; app()"]
-    plan = {"demo-data": (cli + ["demo-data"], ["cache/demo_meshes"]),
-            "index": (cli + ["index"], ["cache/shapes.parquet"]),
-            "render": (cli + ["render"], ["cache/renders.zarr", "cache/renders_preview.png"]),
-            "sample": (cli + ["sample"], ["cache/points.zarr"]),
-            "embed": (cli + ["embed"], ["cache/teachers"]),
+    at = layout.default
+    plan = {"demo-data": (cli + ["demo-data"], [at(layout.DEMO_MESHES)]),
+            "index": (cli + ["index"], [at(layout.SHAPES)]),
+            "render": (cli + ["render"], [at(layout.RENDERS), at(layout.RENDERS_PREVIEW)]),
+            "sample": (cli + ["sample"], [at(layout.POINTS)]),
+            "embed": (cli + ["embed"], [at(layout.TEACHERS)]),
             "pretrain": ([sys.executable, "-c", PRETRAIN.format(batch=args.batch, steps=args.steps,
                                                                  workers=args.loader_workers)],
                          ["cache/pretrain", "cache/local"])}

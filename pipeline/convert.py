@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from pipeline import layout
 from pipeline.store import ArraySpec, StoreWriter, open_store, read_failure_log, relative_to_store
+from recon.pointops import fps_indices
 
 FORMATS = ("modelnet40", "modelnet10", "pointbert-dat", "fewshot-pkl", "scanobjectnn", "points")
 SPLITS = ["train", "test"]
@@ -92,14 +93,6 @@ def load_pickle(path: str | Path, trust_pickle: bool = False):
 # ----------------------------------------------------------------------------- writing
 
 
-def fps_subset(clouds: np.ndarray, npoint: int, device: str | torch.device = "cpu") -> np.ndarray:
-    """Indices [B, npoint] of farthest point sampling on the xyz of clouds [B, n, >=3]."""
-    from recon.pointops import farthest_point_sample
-
-    xyz = torch.from_numpy(np.ascontiguousarray(clouds[..., :3], dtype=np.float32)).to(device)
-    return farthest_point_sample(xyz, npoint).cpu().numpy()
-
-
 def _resample(clouds: list[np.ndarray], n_points: int, device) -> list[np.ndarray]:
     """FPS every cloud with more than ``n_points`` points down to ``n_points`` (batched by size)."""
     out = list(clouds)
@@ -109,7 +102,7 @@ def _resample(clouds: list[np.ndarray], n_points: int, device) -> list[np.ndarra
             by_size.setdefault(c.shape[0], []).append(i)
     for idx in by_size.values():
         batch = np.stack([clouds[i] for i in idx])
-        picks = fps_subset(batch, n_points, device)
+        picks = fps_indices(batch, n_points, device)
         for i, pick in zip(idx, picks):
             out[i] = clouds[i][pick]
     return out
@@ -401,11 +394,11 @@ def points_samples(cache: Path) -> tuple[list[Sample], list[str], list[str]]:
     """Samples from ``cache/points.zarr`` with category and split from ``cache/shapes.parquet``."""
     import polars as pl
 
-    shapes_path = Path(cache) / "shapes.parquet"
+    shapes_path = layout.CacheLayout(cache).shapes
     if not shapes_path.exists():
         raise FileNotFoundError(f"{shapes_path} not found: run the index and sample stages first")
     shapes = pl.read_parquet(shapes_path)
-    store = open_store(Path(cache) / "points.zarr", expect_ids=shapes["id"].to_list(),
+    store = open_store(layout.CacheLayout(cache).points, expect_ids=shapes["id"].to_list(),
                        expect_arrays={"points": (-1, 3)})
     names = sorted(shapes["category"].unique().to_list())
     present = set(shapes["split"].unique().to_list())
@@ -426,7 +419,7 @@ def points_samples(cache: Path) -> tuple[list[Sample], list[str], list[str]]:
 def convert_points(cache: str | Path, out: str | Path, n_points: int | None = None,
                    chunk_rows: int = 16, device: str = "cpu", log=print) -> ConvertResult:
     samples, names, splits = points_samples(Path(cache))
-    store = open_store(Path(cache) / "points.zarr")
+    store = open_store(layout.CacheLayout(cache).points)
     n_points = n_points or int(store["points"].shape[1])
     return write_classification_store(out, samples, names, n_points,
                                       {"format": "points", "points_store": store.params},

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from pipeline import layout
 from pipeline.convert import SPLITS, ConvertResult
 from pipeline.meshes import validate_mesh
 from pipeline.partseg import PartSample, write_partseg_store
@@ -142,7 +143,7 @@ def demo_part_samples(shapes_path: str | Path, n_points: int, seed: int = 0
 def convert_demo_parts(cache: str | Path, out: str | Path, n_points: int = 2048, seed: int = 0,
                        chunk_rows: int = 16, log=print) -> ConvertResult:
     """``cache/shapes.parquet`` of the demo meshes → a part-segmentation store."""
-    shapes_path = Path(cache) / "shapes.parquet"
+    shapes_path = layout.CacheLayout(cache).shapes
     if not shapes_path.exists():
         raise FileNotFoundError(f"{shapes_path} not found: run the demo-data and index stages first")
     samples, names, parts, splits, part_names = demo_part_samples(shapes_path, n_points, seed)

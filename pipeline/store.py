@@ -39,6 +39,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import zarr
 
+from pipeline import layout
+
 SCHEMA_VERSION = 1
 RESERVED = ("ids", "done", "ok")
 FAILURE_LOG = "failures.jsonl"
@@ -459,8 +461,8 @@ def open_store(path: str | Path, expect_ids: Sequence[str] | None = None,
 def find_shapes(store_path: str | Path) -> Path | None:
     """The ``shapes.parquet`` next to a store, or one folder up (``cache/teachers/image.zarr``)."""
     store_path = Path(store_path)
-    return next((d / "shapes.parquet" for d in (store_path.parent, store_path.parent.parent)
-                 if (d / "shapes.parquet").exists()), None)
+    return next((d / layout.SHAPES for d in (store_path.parent, store_path.parent.parent)
+                 if (d / layout.SHAPES).exists()), None)
 
 
 def _polars_dtype(arr: zarr.Array):

@@ -91,11 +91,6 @@ def _rename(key: str, kind: str, reverse: bool) -> str | None:
     return None
 
 
-def our_name(reference_key: str, kind: str = "pretrain") -> str | None:
-    """Our name for one reference key (no ``module.``), or None if no rule matches."""
-    return _rename(reference_key, kind, reverse=False)
-
-
 def reference_name(our_key: str, kind: str = "pretrain") -> str | None:
     """Reference name for one of our keys, or None if no rule matches."""
     return _rename(our_key, kind, reverse=True)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler,
                               Sampler)
 
+from pipeline import layout
 from pipeline.store import StoreError, content_key, decompress_to_npy, open_store
 
 #: share of the RAM available at start-up that preloaded arrays may take (the rest: memory-mapped)
@@ -124,25 +125,25 @@ def open_pretrain_stores(cache: Path, use_image: bool = True, use_text: bool = T
     decompressed copy (:func:`local_array`); ``log`` says which. Raises StoreError with the reason
     when ids, dims or categories do not match.
     """
-    shapes_path = cache / "shapes.parquet"
+    shapes_path = layout.CacheLayout(cache).shapes
     if not shapes_path.exists():
         raise StoreError(f"{shapes_path} not found: run the index stage first")
     shapes = pl.read_parquet(shapes_path)
     ids = shapes["id"].to_list()
-    points = open_store(cache / "points.zarr", expect_ids=ids, expect_arrays={"points": (-1, 3)})
+    points = open_store(layout.CacheLayout(cache).points, expect_ids=ids, expect_arrays={"points": (-1, 3)})
     ok = points.ok.copy()
     fingerprint = {"points": points.params}
     budget = preload_budget(processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     folder = local_dir(cache)
     image = text = None
     if use_image:
-        image_store = open_store(cache / "teachers" / "image.zarr", expect_ids=ids,
+        image_store = open_store(layout.CacheLayout(cache).image_features, expect_ids=ids,
                                  expect_arrays={"features": (-1, -1, -1)})
         ok &= image_store.ok
         fingerprint["image"] = image_store.params
     categories = sorted(shapes["category"].unique().to_list())
     if use_text:
-        text_store = open_store(cache / "teachers" / "text.zarr", expect_arrays={"features": (-1, -1)})
+        text_store = open_store(layout.CacheLayout(cache).text_features, expect_arrays={"features": (-1, -1)})
         missing = sorted(set(categories) - set(text_store.ids.tolist()))
         if missing:
             raise StoreError(f"{text_store.path} has no prompts for categories {missing}: rerun embed")

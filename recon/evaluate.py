@@ -22,17 +22,12 @@ import numpy as np
 import torch
 
 from pipeline.store import StoreError, open_store
-from recon.finetune import (
-    ClsData,
-    FinetuneParams,
-    InitSource,
-    eval_clouds,
-    finetune,
-    load_classification,
-    load_init,
-)
+from recon.cls_data import ClsData, eval_clouds, load_classification
+from recon.finetune import FinetuneParams, finetune
+from recon.metrics import per_class_accuracy
 from recon.model import ReConConfig, ReConPretrain
 from recon.targets import TargetStats
+from recon.weights import InitSource, load_init
 
 SVM_C = 0.075
 
@@ -177,8 +172,6 @@ def zeroshot_eval(model: torch.nn.Module, test: ClsData, text_store: str | Path,
                   ) -> dict[str, Any]:
     """Zero-shot classification of the test split (see module docstring). ``model`` needs
     ``zero_shot_features(points) -> (img_proj(IMG), text_proj(TXT))``."""
-    from recon.finetune import per_class_accuracy
-
     class_feats, text_params = class_text_features(text_store, test.class_names)
     image_params = None
     if image_store is not None and Path(image_store).exists():

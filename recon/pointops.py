@@ -47,6 +47,16 @@ def farthest_point_sample(xyz: Tensor, npoint: int) -> Tensor:
     return torch.cat(chosen, dim=1)
 
 
+def fps_indices(clouds: np.ndarray, npoint: int, device: str | torch.device = "cpu", batch: int = 64) -> np.ndarray:
+    """:func:`farthest_point_sample` of numpy clouds [N, n, >=3] (xyz first), ``batch`` clouds at a
+    time on ``device``. -> int64 [N, npoint]. The one batched FPS that stores and fine-tuning use."""
+    out = np.empty((clouds.shape[0], npoint), dtype=np.int64)
+    for i in range(0, len(clouds), batch):
+        xyz = torch.from_numpy(np.ascontiguousarray(clouds[i:i + batch, :, :3], dtype=np.float32)).to(device)
+        out[i:i + batch] = farthest_point_sample(xyz, npoint).cpu().numpy()
+    return out
+
+
 def _sum_sq(dx: Tensor, dy: Tensor, dz: Tensor) -> Tensor:
     """dx*dx + dy*dy + dz*dz, summed left to right as the reference kernels do."""
     return (dx * dx).add_(dy * dy).add_(dz * dz)

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 
 from recon import trainstate
+from recon.cls_data import ClsData, eval_clouds, load_classification
 from recon.data import open_pretrain_stores
 from recon.evaluate import FewshotSettings, batched, fewshot_eval, knn_probe, svm_accuracy
-from recon.finetune import ClsData, FinetuneParams, InitSource, eval_clouds, finetune
+from recon.finetune import FinetuneParams, finetune
 from recon.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
 from recon.pretrain import PretrainParams, build_model, calibration_clouds, train
+from recon.weights import InitSource
 
 #: arm -> PretrainParams overrides (None: no pretraining)
 ARMS: dict[str, dict | None] = {
@@ -141,14 +143,12 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
 
 def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, Any]:
     """Every arm: pretrain (or not), evaluate on every store; write results, table and plot."""
-    from recon.finetune import load_classification
-
     out.mkdir(parents=True, exist_ok=True)
     data = {name: (load_classification(path, "train"), load_classification(path, "test"))
             for name, path in p.stores.items()}
     identity = {"study": trainstate.jsonable(p), "code": trainstate.code_fingerprint(
         "recon.study", "recon.pretrain", "recon.monitor", "recon.targets", "recon.model", "recon.finetune",
-        "recon.evaluate")}
+        "recon.cls_data", "recon.weights", "recon.inference", "recon.metrics", "recon.evaluate")}
     results: dict[str, Any] = {}
     for arm in p.arms:
         done = out / arm / "result.json"

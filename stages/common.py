@@ -26,6 +26,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from pipeline import layout
 from pipeline.store import json_native
 
 console = Console(stderr=True)
@@ -40,7 +41,7 @@ class StageError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where stores live: ``$RECON_CACHE`` or ``./cache``."""
-    return Path(os.environ.get("RECON_CACHE", "cache"))
+    return Path(os.environ.get("RECON_CACHE", layout.DEFAULT_CACHE))
 
 
 def metrics_dir(out: Path) -> Path:
@@ -49,7 +50,7 @@ def metrics_dir(out: Path) -> Path:
     Unlike the rest of cache/ these small files are tracked by git (``cache: false`` in dvc.yaml),
     so every commit and every ``dvc exp`` carries its results; models, checkpoints, images and
     stores stay in ``cache/<stage>``, cached by DVC."""
-    return out.parent / "metrics" / out.name
+    return layout.metrics_dir(out)
 
 
 def publish(src: Path, dst: Path) -> Path:
@@ -100,6 +101,23 @@ def progress(unit: str = "shapes") -> Progress:
                     console=console, transient=False)
 
 
+class LossBar:
+    """A rich progress bar for one training epoch showing the running loss terms (pretrain, finetune)."""
+
+    def __init__(self, title: str, total: int):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), console=console)
+        self.progress.start()
+        self.task = self.progress.add_task(title, total=total, losses="")
+
+    def update(self, **losses: float) -> None:
+        self.progress.update(self.task, advance=1,
+                             losses=" ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 @dataclass
 class Outcome:
     """What one unit of work gave: data, or an error class and message; plus its warnings."""
@@ -148,7 +166,7 @@ def map_guarded(fn: Callable[[Any], Any], items: Iterable[tuple[int, Any]],
 
 def write_failures(stage: str, records: list[dict], folder: Path | None = None) -> Path:
     """``cache/failures/<stage>.parquet``: one row per failed shape (written even when empty)."""
-    folder = folder or cache_dir() / "failures"
+    folder = folder or layout.CacheLayout(cache_dir()).failures
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stage}.parquet"
     table = pl.DataFrame(records, schema=FAILURE_SCHEMA) if records else pl.DataFrame(schema=FAILURE_SCHEMA)
@@ -161,7 +179,7 @@ def write_failures(stage: str, records: list[dict], folder: Path | None = None) 
 def read_shapes(path: Path | None = None, mesh_paths: bool = False) -> pl.DataFrame:
     """The shapes table; with ``mesh_paths``, its ``mesh_path`` column made absolute (the table
     stores paths relative to the indexed root)."""
-    path = path or cache_dir() / "shapes.parquet"
+    path = path or layout.CacheLayout(cache_dir()).shapes
     if not path.exists():
         raise StageError(f"{path} not found: run `recon index ROOT` first")
     table = pl.read_parquet(path)

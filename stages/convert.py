@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import layout
 from pipeline import convert as C
 from pipeline import partseg as PS
 from stages.common import (
@@ -27,8 +28,8 @@ from stages.common import (
 @dataclass
 class ConvertParams:
     format: str = "points"                 # modelnet40 | modelnet10 | pointbert-dat | fewshot-pkl | scanobjectnn | points | shapenetpart | demo-parts
-    source: str = "cache"                  # dataset root (the cache folder for `points`)
-    out: str = "cache/downstream/demo.zarr"  # the store; a folder of fold stores for fewshot-pkl
+    source: str = layout.DEFAULT_CACHE     # dataset root (the cache folder for `points`)
+    out: str = layout.default(layout.DEMO_STORE)  # the store; a folder of fold stores for fewshot-pkl
     points: int | None = None              # FPS to this many points; null keeps the source's count (ModelNet text: 8192)
     normals: bool = False                  # keep normals (text and pickle formats)
     variant: str = "PB_T50_RS"             # scanobjectnn: OBJ_BG | OBJ_ONLY | PB_T50_RS

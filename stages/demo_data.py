@@ -6,12 +6,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import layout
 from stages.common import Timer, console
 
 
 @dataclass
 class DemoParams:
-    out: str = "cache/demo_meshes"
+    out: str = layout.default(layout.DEMO_MESHES)
     shapes_per_category: int = 24
     seed: int = 0
     categories: list[str] = field(default_factory=list)  # empty: all demo categories

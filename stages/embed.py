@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import layout
 from pipeline.store import ArraySpec, Shard, StoreWriter, open_store, partial_path, relative_to_store
 from recon.distributed import pick_device
 from stages.common import Timer, cache_dir, console, fault_injection, progress, read_shapes
@@ -182,15 +183,15 @@ def run(p: EmbedParams, shapes: Path | None = None, renders: Path | None = None,
     if device.type == "cuda":
         torch.cuda.set_device(device)
     table = read_shapes(shapes)
-    out_dir = out_dir or cache_dir() / "teachers"
+    out_dir = out_dir or layout.CacheLayout(cache_dir()).teachers
     out_dir.mkdir(parents=True, exist_ok=True)
-    renders = renders or cache_dir() / "renders.zarr"
+    renders = renders or layout.CacheLayout(cache_dir()).renders
     if shard.rank == 0:
         pairs = table.select("category", "synset").unique().sort("category")
         categories = pairs["category"].to_list()
         if len(set(categories)) != len(categories):
             raise ValueError(f"categories with several synset ids in {shapes or 'shapes.parquet'}: "
                              f"{sorted({c for c in categories if categories.count(c) > 1})[:5]}")
-        embed_texts(p, device, categories, out_dir / "text.zarr", [str(s or "") for s in pairs["synset"].to_list()])
-    embed_images(p, shard, device, renders, out_dir / "image.zarr", table["id"].to_list())
+        embed_texts(p, device, categories, out_dir / Path(layout.TEXT_FEATURES).name, [str(s or "") for s in pairs["synset"].to_list()])
+    embed_images(p, shard, device, renders, out_dir / Path(layout.IMAGE_FEATURES).name, table["id"].to_list())
     return out_dir

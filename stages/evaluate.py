@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline import layout
 from recon import trainstate
+from recon.cls_data import load_classification
 from recon.distributed import pick_device
 from recon.evaluate import (
     FewshotSettings,
@@ -26,13 +28,9 @@ from recon.evaluate import (
     svm_eval,
     zeroshot_eval,
 )
-from recon.finetune import (
-    FinetuneParams,
-    InitSource,
-    load_classification,
-    load_init,
-    write_confusion,
-)
+from recon.finetune import FinetuneParams
+from recon.metrics import write_confusion
+from recon.weights import InitSource, load_init
 from stages.common import StageError, cache_dir, console, load_params, metrics_dir, publish
 
 TASKS = ("svm", "zeroshot", "fewshot")
@@ -41,13 +39,13 @@ TASKS = ("svm", "zeroshot", "fewshot")
 @dataclass
 class EvaluateParams:
     tasks: list[str] = field(default_factory=lambda: ["svm", "zeroshot"])
-    checkpoint: str = "cache/pretrain/model.pt"   # ours (model.pt / epoch checkpoint) or a reference .pth
-    store: str = "cache/downstream/demo.zarr"     # classification store (train + test splits)
+    checkpoint: str = layout.default(layout.PRETRAINED)  # ours (model.pt / epoch checkpoint) or a reference .pth
+    store: str = layout.default(layout.DEMO_STORE) # classification store (train + test splits)
     n_points: int = 1024
     normalize: bool = True
     svm_c: float = 0.075
-    text_store: str = "cache/teachers/text.zarr"
-    image_store: str | None = "cache/teachers/image.zarr"   # decides whether IMG joins (CLIP teachers)
+    text_store: str = layout.default(layout.TEXT_FEATURES)
+    image_store: str | None = layout.default(layout.IMAGE_FEATURES)   # decides whether IMG joins (CLIP teachers)
     ratio: float = 0.25                           # r in img_proj(IMG) + r * text_proj(TXT)
     fewshot_ways: list[int] = field(default_factory=lambda: [5, 10])
     fewshot_shots: list[int] = field(default_factory=lambda: [10, 20])
@@ -70,7 +68,7 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
     if out is None and p.out:   # by hand: everything in the given folder
         out = results = Path(p.out)
     else:                       # the pipeline's own: metrics git-tracked in cache/metrics/evaluate
-        out = out or cache_dir() / "evaluate"
+        out = out or layout.CacheLayout(cache_dir()).stage("evaluate")
         results = metrics_dir(out)
     unknown = sorted(set(p.tasks) - set(TASKS))
     if unknown:

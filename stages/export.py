@@ -8,16 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import layout
 from recon import trainstate
 from recon.export import OPSET, check_onnx, export_onnx
-from recon.finetune import load_finetuned
+from recon.weights import load_finetuned
 from stages.common import console, load_params, metrics_dir
 
 
 @dataclass
 class ExportParams:
-    checkpoint: str = "cache/finetune/model.pt"
-    onnx: str = "cache/export/classifier.onnx"
+    checkpoint: str = layout.default(layout.FINETUNED)
+    onnx: str = layout.default("export/classifier.onnx")
     n_points: int | None = None      # example input size; None: the fine-tuning recipe's
     opset: int = OPSET
     check: bool = True

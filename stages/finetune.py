@@ -1,10 +1,12 @@
-"""Stage `finetune`: fine-tune a classifier on a classification store, per seed.
+"""Stage `finetune` (classification) and stage `partseg` (part segmentation): fine-tune the
+pretrained encoder on a downstream store, per seed, with the one loop of ``recon.finetune``.
 
-Outputs (``cache/finetune/``): ``seed-<s>/`` (checkpoints, history.csv, model.pt, metrics.json,
-confusion.csv/png of each seed) and, at the top level, ``model.pt`` and ``confusion.png`` of the first
-seed. Git-tracked results (``cache/metrics/finetune/``): ``metrics.json`` (the seed's metrics, or
-mean ± std over a ``seeds`` sweep with every seed's numbers), ``history.csv`` and ``confusion.csv``
-of the first seed.
+Outputs (``cache/finetune/`` or ``cache/partseg/``): ``seed-<s>/`` (checkpoints, history.csv,
+model.pt, metrics.json and the picture of each seed: confusion.csv/png, or parts.png) and, at the
+top level, ``model.pt`` and the picture of the first seed. Git-tracked results
+(``cache/metrics/finetune/``, ``cache/metrics/partseg/``): ``metrics.json`` (the seed's metrics,
+or mean ± std over a ``seeds`` sweep with every seed's numbers), ``history.csv`` (and
+``confusion.csv``) of the first seed.
 """
 
 from __future__ import annotations
@@ -12,56 +14,70 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline import layout
 from pipeline.store import open_store
 from recon import trainstate
+from recon.cls_data import load_classification
 from recon.distributed import setup, teardown
-from recon.finetune import (
-    FinetuneParams,
-    finetune,
-    load_classification,
-    load_init,
-    summarise_seeds,
-)
-from stages.common import cache_dir, console, load_params, metrics_dir, publish
-from stages.pretrain import LossBar
+from recon.finetune import FinetuneParams, finetune
+from recon.metrics import summarise_seeds
+from recon.partseg_data import load_partseg
+from recon.partseg_finetune import PICTURE, PartSegParams, finetune_partseg
+from recon.weights import load_init
+from stages.common import LossBar, StageError, cache_dir, console, load_params, metrics_dir, publish
 
-TOP_LEVEL = ("model.pt", "confusion.png")       # the first seed's, DVC-cached in cache/finetune
-PUBLISHED = ("history.csv", "confusion.csv")    # the first seed's, git-tracked in cache/metrics/finetune
+#: task -> (params.yaml section = stage name = output folder, params class)
+TASKS = {"classification": ("finetune", FinetuneParams), "partseg": ("partseg", PartSegParams)}
+TOP_LEVEL = {"classification": ("model.pt", "confusion.png"), "partseg": ("model.pt", PICTURE)}   # DVC-cached
+PUBLISHED = {"classification": ("history.csv", "confusion.csv"), "partseg": ("history.csv",)}      # git-tracked
 
 
-def params(overrides: dict | None = None) -> FinetuneParams:
-    return load_params(FinetuneParams, "finetune", overrides)
+def params(overrides: dict | None = None, task: str = "classification") -> FinetuneParams:
+    if task not in TASKS:
+        raise StageError(f"unknown task {task!r}; choose from {list(TASKS)}")
+    section, cls = TASKS[task]
+    p = load_params(cls, section, overrides)
+    if p.task != task:
+        raise StageError(f"params section {section!r}: profile {p.profile!r} is a {p.task} recipe, not {task}")
+    return p
 
 
 def run(p: FinetuneParams, out: Path | None = None) -> dict:
-    out = out or cache_dir() / "finetune"
+    task = p.task
+    out = out or layout.CacheLayout(cache_dir()).stage(TASKS[task][0])
     d = setup(p.device)
     try:
         store = open_store(p.store)
-        p.check_store(store.params)
-        train, test = load_classification(p.store, "train"), load_classification(p.store, "test")
+        if task == "partseg":  # the reference trains on train + val
+            fit = [s for s in ("train", "val") if s in store.params.get("splits", [])]
+            train, test, run_one = load_partseg(p.store, fit), load_partseg(p.store, "test"), finetune_partseg
+        else:
+            p.check_store(store.params)
+            fit = ["train"]
+            train, test, run_one = load_classification(p.store, "train"), load_classification(p.store, "test"), finetune
         init = load_init(p.init)
         if d.is_main:
-            console.print(f"finetune: {p.profile} / {p.protocol}, {len(train)} train and {len(test)} test "
-                          f"shapes, {train.num_classes} classes, init {init.source if init else 'scratch'}")
+            console.print(f"{TASKS[task][0]}: {p.profile} / {p.protocol}, {len(train)} {'+'.join(fit)} and "
+                          f"{len(test)} test shapes, {train.num_classes} classes, "
+                          f"init {init.source if init else 'scratch'}")
         per_seed = []
         for seed in p.seed_list():
-            result = finetune(p, train, test, seed, out / f"seed-{seed}", d, init, store.params,
-                              progress_factory=LossBar, log=console.print)
+            result = run_one(p, train, test, seed, out / f"seed-{seed}", d, init, store.params,
+                             progress_factory=LossBar, log=console.print)
             per_seed.append(result.metrics)
         if not d.is_main:
             return {}
-        metrics = per_seed[0] if len(per_seed) == 1 else summarise_seeds(per_seed)
+        metrics = per_seed[0] if len(per_seed) == 1 else summarise_seeds(per_seed, task)
         first = out / f"seed-{p.seed_list()[0]}"
-        for name in TOP_LEVEL:
+        for name in TOP_LEVEL[task]:
             if (first / name).exists():
                 shutil.copy2(first / name, out / name)
-        for name in PUBLISHED:
+        for name in PUBLISHED[task]:
             if (first / name).exists():
                 publish(first / name, metrics_dir(out) / name)
         trainstate.write_json(metrics_dir(out) / "metrics.json", metrics)
         headline = {k: round(v, 2) for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
-        console.print(f"[green]finetune: done → {out}[/]", headline)
+        console.print(f"[green]{TASKS[task][0]}: done → {out}[/]", headline)
         return metrics
     finally:
         teardown(d)

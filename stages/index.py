@@ -8,13 +8,14 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline import layout
 from pipeline.discover import DuplicateShapeIds, build_table, recorded_root
 from stages.common import StageError, as_jsonable, cache_dir, console, write_failures
 
 
 @dataclass
 class IndexParams:
-    root: str = "cache/demo_meshes"
+    root: str = layout.default(layout.DEMO_MESHES)
     split_dir: str | None = None  # folder with Point-BERT train.txt/test.txt; default: look in root
     test_fraction: float = 0.2    # seeded, stratified split when no lists are found
     seed: int = 0
@@ -22,7 +23,7 @@ class IndexParams:
 
 
 def run(p: IndexParams, out: Path | None = None) -> pl.DataFrame:
-    out = out or cache_dir() / "shapes.parquet"
+    out = out or layout.CacheLayout(cache_dir()).shapes
     try:
         table, skipped, split_rule = build_table(Path(p.root), Path(p.split_dir) if p.split_dir else None,
                                                  p.test_fraction, p.seed, p.limit)
@@ -38,7 +39,7 @@ def run(p: IndexParams, out: Path | None = None) -> pl.DataFrame:
     table.write_parquet(tmp, metadata=meta)
     tmp.replace(out)
     write_failures("index", [{"id": s.id, "stage": "index", "error": s.error, "message": s.message}
-                             for s in skipped], out.parent / "failures")
+                             for s in skipped], layout.CacheLayout(out.parent).failures)
     counts = table.group_by("category", "split").len().sort("category", "split")
     console.print(f"[green]index: {table.height} shapes in {table['category'].n_unique()} categories "
                   f"→ {out}[/]" + (f"; {len(skipped)} skipped (see failures/index.parquet)" if skipped else ""))

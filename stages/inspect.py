@@ -9,11 +9,12 @@ import numpy as np
 import polars as pl
 from rich.table import Table
 
+from pipeline import layout
 from pipeline.feature_stats import feature_report
 from pipeline.store import open_store, scan
 from stages.common import console
 
-STORE_NAMES = ("renders.zarr", "points.zarr", "teachers/image.zarr", "teachers/text.zarr")
+STORE_NAMES = layout.PRETRAINING_STORES
 
 
 def clean_view_features(frame: pl.LazyFrame) -> tuple[np.ndarray, np.ndarray]:

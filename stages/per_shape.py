@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
+from pipeline import layout
 from pipeline.store import ArraySpec, Shard, StoreWriter, open_store, partial_path, read_failure_log
 from stages.common import (Timer, cache_dir, console, fault_injection, map_guarded, progress,
                            summarise, write_failures)
@@ -88,4 +89,4 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
 
 
 def _failures_file(stage: str, failures_dir: Path | None) -> Path:
-    return (failures_dir or cache_dir() / "failures") / f"{stage}.parquet"
+    return (failures_dir or layout.CacheLayout(cache_dir()).failures) / f"{stage}.parquet"

@@ -14,33 +14,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+from pipeline import layout
 from recon import trainstate
 from recon.pretrain import PretrainParams, train
-from stages.common import cache_dir, console, load_params, metrics_dir
-
-
-class LossBar:
-    """A rich progress bar for one epoch showing the running loss terms."""
-
-    def __init__(self, title: str, total: int):
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), console=console)
-        self.progress.start()
-        self.task = self.progress.add_task(title, total=total, losses="")
-
-    def update(self, **losses: float) -> None:
-        self.progress.update(self.task, advance=1,
-                             losses=" ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-
-    def close(self) -> None:
-        self.progress.stop()
+from stages.common import LossBar, cache_dir, console, load_params, metrics_dir
 
 
 def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -> dict:
     cache = cache or cache_dir()
-    out = out or cache / "pretrain"
+    out = out or layout.CacheLayout(cache).stage("pretrain")
     result = train(p, cache, out, progress_factory=LossBar, log=console.print)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}

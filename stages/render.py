@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.store import ArraySpec, open_store
 from stages.common import as_jsonable, cache_dir, console, read_shapes
 from stages.per_shape import run_per_shape
@@ -46,7 +47,7 @@ def _render_row(config, row: dict) -> dict[str, np.ndarray]:
 
 def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) -> Path:
     table = read_shapes(shapes, mesh_paths=True)
-    out = out or cache_dir() / "renders.zarr"
+    out = out or layout.CacheLayout(cache_dir()).renders
     config = render_config(p)
     store_params = {k: v for k, v in as_jsonable(p).items()
                     if k not in ("workers", "limit", "strict", "preview_per_category")}
@@ -54,9 +55,9 @@ def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) ->
     provenance = config.provenance()
     complete = run_per_shape("render", table, out, arrays, store_params, provenance,
                              partial(_render_row, config), p.workers, p.limit, p.strict,
-                             failures_dir=out.parent / "failures")
+                             failures_dir=layout.CacheLayout(out.parent).failures)
     if complete:
-        write_preview(out, table, out.parent / "renders_preview.png", p.preview_per_category)
+        write_preview(out, table, layout.CacheLayout(out.parent).renders_preview, p.preview_per_category)
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.store import ArraySpec
 from stages.common import as_jsonable, cache_dir, read_shapes
 from stages.per_shape import run_per_shape
@@ -32,7 +33,7 @@ def _sample_row(n_points: int, seed: int, row: dict) -> dict[str, np.ndarray]:
 def run(p: SampleParams, shapes: Path | None = None, out: Path | None = None) -> bool:
     """Sample every shape; True when the store is complete (False: stopped by --limit)."""
     table = read_shapes(shapes, mesh_paths=True)
-    out = out or cache_dir() / "points.zarr"
+    out = out or layout.CacheLayout(cache_dir()).points
     store_params = {k: v for k, v in as_jsonable(p).items() if k in ("points", "seed", "chunk_rows")}
     from pipeline.sampling import NORMALIZATION, SAMPLER_NAME
 
@@ -41,4 +42,4 @@ def run(p: SampleParams, shapes: Path | None = None, out: Path | None = None) ->
     arrays = {"points": ArraySpec((p.points, 3), "float32", p.chunk_rows)}
     return run_per_shape("sample", table, out, arrays, store_params, provenance,
                          partial(_sample_row, p.points, p.seed), p.workers, p.limit, p.strict,
-                         failures_dir=out.parent / "failures")
+                         failures_dir=layout.CacheLayout(out.parent).failures)

@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipeline import layout
 from pipeline.store import open_store
 from recon.data import fixed_subset
 from recon.evaluate import load_pretrained
@@ -22,8 +23,8 @@ def reconstruction(checkpoint: Path, out: Path, n_shapes: int = 4, split: str = 
 
     cache = cache or cache_dir()
     model = load_pretrained(checkpoint)
-    table = pl.read_parquet(cache / "shapes.parquet")
-    store = open_store(cache / "points.zarr", expect_ids=table["id"].to_list())
+    table = pl.read_parquet(layout.CacheLayout(cache).shapes)
+    store = open_store(layout.CacheLayout(cache).points, expect_ids=table["id"].to_list())
     candidates = [int(r) for r in np.flatnonzero(store.ok) if table["split"][int(r)] == split]
     if not candidates:
         raise FileNotFoundError(f"no usable {split} shapes in {cache}")

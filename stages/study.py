@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import layout
 from recon.pretrain import PretrainParams
 from recon.study import StudyParams, run_study
 from stages.common import StageError, cache_dir, console, load_params
@@ -30,8 +31,8 @@ QUICK = {"pretrain": {"model": {"trans_dim": 48, "depth": 2, "decoder_depth": 1,
 
 @dataclass
 class StudyStageParams(StudyParams):
-    out: str = "cache/study"
-    demo_store: str = "cache/downstream/demo.zarr"
+    out: str = layout.default("study")
+    demo_store: str = layout.default(layout.DEMO_STORE)
     modelnet40_root: str | None = None      # modelnet40_normal_resampled files, converted once (test split held out)
     modelnet40_points: int = 1024
     quick: bool = False

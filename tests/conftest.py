@@ -61,6 +61,7 @@ def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512
     import numpy as np
     import polars as pl
 
+    from pipeline.layout import CacheLayout
     from pipeline.store import ArraySpec, StoreWriter
 
     rng = np.random.default_rng(seed)
@@ -83,7 +84,7 @@ def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512
             clouds.append((x / np.linalg.norm(x, axis=1).max()).astype(np.float32))
     cache.mkdir(parents=True, exist_ok=True)
     pl.DataFrame({"id": ids, "synset": [""] * len(ids), "category": cats, "split": splits,
-                  "mesh_path": [""] * len(ids), "status": ["indexed"] * len(ids)}).write_parquet(cache / "shapes.parquet")
+                  "mesh_path": [""] * len(ids), "status": ["indexed"] * len(ids)}).write_parquet(CacheLayout(cache).shapes)
 
     def write(path, rows, arrays, data):
         writer = StoreWriter.open(path, rows, arrays, {"synthetic": True})
@@ -92,14 +93,14 @@ def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512
         return writer
 
     n = len(ids)
-    write(cache / "points.zarr", ids, {"points": ArraySpec((n_points, 3), "float32", n)},
+    write(CacheLayout(cache).points, ids, {"points": ArraySpec((n_points, 3), "float32", n)},
           {"points": np.stack(clouds)})
     centres = rng.normal(size=(3, image_dim))
     label = np.array([categories.index(c) for c in cats])
     image = centres[label][:, None, None] + 0.1 * rng.normal(size=(n, 1, variants, image_dim))
-    write(cache / "teachers" / "image.zarr", ids, {"features": ArraySpec((1, variants, image_dim), "float16", n)},
+    write(CacheLayout(cache).image_features, ids, {"features": ArraySpec((1, variants, image_dim), "float16", n)},
           {"features": image.astype(np.float16)})
     text = rng.normal(size=(3, templates, text_dim))
-    write(cache / "teachers" / "text.zarr", categories, {"features": ArraySpec((templates, text_dim), "float16", 3)},
+    write(CacheLayout(cache).text_features, categories, {"features": ArraySpec((templates, text_dim), "float16", 3)},
           {"features": text.astype(np.float16)})
     return cache

@@ -175,7 +175,7 @@ def test_points_format(tmp_path):
 
 
 def test_cli_refuses_pickles_without_the_flag(tmp_path, monkeypatch):
-    from stages.downstream_cli import convert
+    from cli import convert
 
     monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))

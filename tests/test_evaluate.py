@@ -13,7 +13,8 @@ from torch import nn
 from pipeline.convert import Sample, write_classification_store
 from pipeline.store import ArraySpec, StoreWriter
 from recon import evaluate as E
-from recon.finetune import ClsData, FinetuneParams, load_classification
+from recon.cls_data import ClsData, load_classification
+from recon.finetune import FinetuneParams
 from recon.model import ReConConfig, ReConPretrain
 
 K, T, D = 3, 4, 8

@@ -12,9 +12,10 @@ import typer
 from typer.testing import CliRunner
 
 from recon.export import check_onnx, export_onnx, fps_exportable
-from recon.finetune import FinetuneParams, save_model
+from recon.finetune import FinetuneParams
 from recon.model import ReConClassifier, ReConConfig
 from recon.pointops import farthest_point_sample
+from recon.weights import save_model
 
 
 def trained_like(head: str = "full") -> ReConClassifier:
@@ -51,7 +52,7 @@ def test_onnx_logits_match_torch(tmp_path, head):
 
 
 def test_export_stage_and_cli(tmp_path, monkeypatch):
-    from stages.downstream_cli import export
+    from cli import export
 
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
     model = trained_like()

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from conftest import shared_dir
+from recon import cls_data as CD
 from recon import finetune as FT
+from recon import inference as INF
 from recon import trainstate
+from recon import weights as W
 from recon.checkpoint import ours_to_reference
 from recon.model import ReConClassifier, ReConConfig, ReConPretrain
 from recon.optim import param_groups
@@ -30,7 +33,7 @@ def tiny_cfg(**kw) -> ReConConfig:
     return ReConConfig.variant("tiny", **{**TINY, "num_group": 8, "group_size": 16, **kw})
 
 
-def synthetic(n_per_class: int = 6, classes: int = 3, points: int = 160, seed: int = 0) -> FT.ClsData:
+def synthetic(n_per_class: int = 6, classes: int = 3, points: int = 160, seed: int = 0) -> CD.ClsData:
     """Classes = anisotropic blobs elongated along different axes (learnable, not trivial)."""
     rng = np.random.default_rng(seed)
     pts, labels = [], []
@@ -40,7 +43,7 @@ def synthetic(n_per_class: int = 6, classes: int = 3, points: int = 160, seed: i
             scale[c % 3] = 1.0
             pts.append(rng.normal(size=(points, 3)) * scale)
             labels.append(c)
-    return FT.ClsData(np.asarray(pts, np.float32), np.asarray(labels), np.array([f"s{i}" for i in range(len(labels))]),
+    return CD.ClsData(np.asarray(pts, np.float32), np.asarray(labels), np.array([f"s{i}" for i in range(len(labels))]),
                       [f"c{c}" for c in range(classes)])
 
 
@@ -55,7 +58,7 @@ def test_head_shapes(head, layers):
 def test_gradients_and_frozen_bn_per_protocol(protocol):
     torch.manual_seed(0)
     p = FT.FinetuneParams(protocol=protocol, **SMALL_RUN)
-    model = FT.build_classifier(p, num_classes=4).train()
+    model = W.build_classifier(p, num_classes=4).train()
     bn_before = model.encoder.patch_embed.bn1.running_mean.clone()
     head_bn = model.head[1].running_mean.clone() if protocol != "linear" else None
     nn.functional.cross_entropy(model(torch.randn(4, 128, 3)), torch.tensor([0, 1, 2, 3])).backward()
@@ -72,7 +75,7 @@ def test_gradients_and_frozen_bn_per_protocol(protocol):
         assert not model.encoder.training
         if head_bn is not None:
             assert not torch.equal(head_bn, model.head[1].running_mean)            # the head's BN trains
-    assert model.head_kind == FT.PROTOCOL_HEADS[protocol]
+    assert model.head_kind == protocol
     groups = param_groups(model, 0.05, 1e-3, FT.BOOSTED, 10.0)
     boosted = {id(q) for g in groups if g["lr_scale"] == 10.0 for q in g["params"]}
     named = dict(model.named_parameters())
@@ -94,26 +97,26 @@ def test_voting_averages_logits_of_augmented_passes():
     torch.manual_seed(0)
     model = MeanLogits()
     superset = np.random.default_rng(0).normal(size=(5, 60, 3)).astype(np.float32)
-    views = list(FT.vote_views(superset, 40, 3, "scale", seed=1))
+    views = list(CD.vote_views(superset, 40, 3, "scale", seed=1))
     assert len(views) == 3 and views[0].shape == (5, 40, 3) and not np.allclose(views[0], views[1])
-    expected = np.mean([FT.predict_logits(model, v) for v in views], axis=0)
-    np.testing.assert_allclose(FT.vote_logits(model, superset, 40, 3, "scale", seed=1), expected, rtol=1e-6)
-    single = FT.predict_logits(model, superset[:, :40])
+    expected = np.mean([INF.predict_logits(model, v) for v in views], axis=0)
+    np.testing.assert_allclose(INF.vote_logits(model, superset, 40, 3, "scale", seed=1), expected, rtol=1e-6)
+    single = INF.predict_logits(model, superset[:, :40])
     assert not np.allclose(single, expected)
 
 
 def test_superset_sampling_and_augmentation():
     data = synthetic(2, 2, points=300)
     recipe = FT.FinetuneParams(profile="modelnet40", n_points=128).recipe()
-    sup = FT.prepare(data, recipe)
-    assert FT.superset_size(1024, 8192) == 1200 and FT.superset_size(2048, 2048) == 2048
+    sup = CD.prepare(data, recipe)
+    assert CD.superset_size(1024, 8192) == 1200 and CD.superset_size(2048, 2048) == 2048
     assert sup.shape == (4, 150, 3)                                  # ceil(128 * 1.171875)
-    normed = FT.normalize(data.points[0])
-    first = FT.eval_clouds(data, 128)[0]
+    normed = CD.normalize(data.points[0])
+    first = CD.eval_clouds(data, 128)[0]
     np.testing.assert_allclose(sup[0, :128], first)                 # FPS prefix = FPS to n_points
     assert np.isclose(np.linalg.norm(normed, axis=1).max(), 1.0)
     rng = np.random.default_rng(0)
-    moved = FT.augment(np.ones((10, 3), np.float32), "scale_translate", rng)
+    moved = CD.augment(np.ones((10, 3), np.float32), "scale_translate", rng)
     assert np.all(moved > 2 / 3 - 0.2 - 1e-6) and np.all(moved < 1.5 + 0.2 + 1e-6)
     assert np.allclose(moved, moved[0])                              # one scale/translation per cloud
 
@@ -139,9 +142,9 @@ def test_init_from_pretraining_checkpoints(tmp_path, kind):
         path = tmp_path / "ckpt.pth"
         torch.save({"base_model": {f"module.{k}": v for k, v in ours_to_reference(pre.state_dict()).items()},
                     "epoch": 3}, path)
-    init = FT.load_init(str(path))
+    init = W.load_init(str(path))
     p = FT.FinetuneParams(**{**SMALL_RUN, "init": str(path), "model": {}})
-    model = FT.build_classifier(p, 5, init)
+    model = W.build_classifier(p, 5, init)
     assert model.cfg.trans_dim == 48 and model.cfg.depth == 2 and model.cfg.drop_path_rate == 0.2
     for name, value in model.encoder.state_dict().items():
         assert torch.equal(value, pre.encoder.state_dict()[name]), name
@@ -200,7 +203,7 @@ def test_exact_resume_and_validation_selection(tmp_path):
     again = FT.finetune(p, data, None, seed=3, out=tmp_path / "b", log=lambda *_: None)
     assert (tmp_path / "b" / "history.csv").read_text().count("\n") == 4
     assert again.metrics == resumed.metrics
-    tr, val = FT.stratified_split(data.labels, 0.25, seed=3)
+    tr, val = CD.stratified_split(data.labels, 0.25, seed=3)
     assert np.bincount(data.labels[val]).tolist() == [1, 1, 1] and len(np.intersect1d(tr, val)) == 0
 
 
@@ -235,14 +238,14 @@ def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
     assert (out / "confusion.png").stat().st_size > 1000
     assert len((published / "history.csv").read_text().splitlines()) == 3
     assert not (out / "metrics.json").exists() and not (published / "model.pt").exists()
-    model, ckpt = FT.load_finetuned(out / "model.pt")
+    model, ckpt = W.load_finetuned(out / "model.pt")
     assert len(ckpt["class_names"]) == 40 and model(torch.randn(2, 128, 3)).shape == (2, 40)
     # the recorded single-pass and voted accuracies are those of the saved (seed 0) model
-    test = FT.load_classification(store, "test")
-    again = FT.evaluate_classifier(model, test, p.recipe(), votes=2, seed=0, batch=32)
+    test = CD.load_classification(store, "test")
+    again = INF.evaluate_classifier(model, test, p.recipe(), votes=2, seed=0, batch=32)
     assert (again["test_acc"], again["test_vote_acc"]) == (seed0["test_acc"], seed0["test_vote_acc"])
     assert seed0["test_vote_acc"] == pytest.approx(100 * np.mean(
-        FT.vote_logits(model, FT.prepare(test, p.recipe()), p.recipe().n_points, 2, p.recipe().vote_augment,
+        INF.vote_logits(model, CD.prepare(test, p.recipe()), p.recipe().n_points, 2, p.recipe().vote_augment,
                        seed=0, batch=32).argmax(1) == test.labels))
 
 
@@ -268,11 +271,11 @@ def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_finetune.py"
     script.write_text(
         "import sys, numpy as np, torch\n"
-        "from recon import finetune as FT\n"
+        "from recon import cls_data as CD, finetune as FT\n"
         "from recon.distributed import setup, teardown\n"
         "d = setup('cpu')\n"
         "z = np.load(sys.argv[1])\n"
-        "data = FT.ClsData(z['points'], z['labels'], np.array([f's{i}' for i in range(len(z['labels']))]), ['a', 'b', 'c'])\n"
+        "data = CD.ClsData(z['points'], z['labels'], np.array([f's{i}' for i in range(len(z['labels']))]), ['a', 'b', 'c'])\n"
         f"p = FT.FinetuneParams(**{{**{SMALL_RUN!r}, 'votes': 0}})\n"
         "r = FT.finetune(p, data, None, seed=0, d=d, log=print)\n"
         "import os, pathlib\n"  # one file per rank: two ranks' stdout can interleave mid-line

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from recon import finetune as FT
+from recon import weights as W
 from recon.model import ReConClassifier, ReConConfig, ReConPretrain
 
 
@@ -100,7 +101,7 @@ def test_classifier_from_scratch_and_from_a_checkpoint(tmp_path):
     torch.save({"model": pre.state_dict(), "config": json.loads(json.dumps(pre.cfg.__dict__, default=list))},
                tmp_path / "model.pt")
     p = FT.FinetuneParams(init=str(tmp_path / "model.pt"), profile="modelnet40")
-    model = FT.build_classifier(p, 40, FT.load_init(p.init))
+    model = W.build_classifier(p, 40, W.load_init(p.init))
     for name, w, b in linear_weights(model.head):
         assert_uniform(f"head.{name}", w, 1.0 / math.sqrt(fan_in_out(w)[0]))
     assert torch.equal(model.encoder.cls_token, pre.encoder.cls_token)

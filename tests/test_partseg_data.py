@@ -131,7 +131,7 @@ def test_point_choice_is_seeded_per_shape():
 
 @pytest.mark.filterwarnings("ignore:.*(split-list entries skipped|No such file|7 numbers|not parts of):UserWarning")
 def test_convert_cli_shapenetpart(tmp_path, monkeypatch):
-    from stages.downstream_cli import convert
+    from cli import convert
 
     write_shapenetpart(tmp_path / "data")
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))

@@ -139,3 +139,11 @@ def test_chamfer_properties():
     b = a.clone().requires_grad_(True)
     po.chamfer_l2(b, shifted).backward()
     assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+def test_batched_numpy_fps_equals_one_call():
+    """fps_indices (stores, fine-tuning supersets) runs a few clouds at a time: same indices as one
+    farthest_point_sample over the whole batch, normals (extra columns) ignored."""
+    clouds = np.random.default_rng(0).normal(size=(5, 90, 6)).astype(np.float32)
+    whole = po.farthest_point_sample(torch.from_numpy(clouds[..., :3].copy()), 20).numpy()
+    np.testing.assert_array_equal(po.fps_indices(clouds, 20, batch=2), whole)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.convert import convert_points
-from recon.finetune import load_classification
+from recon.cls_data import load_classification
 from recon.study import ARMS, frozen_probe
 from test_pretrain import write_demo_like_cache
 
