@@ -25,7 +25,7 @@ from pipeline.store import StoreError, open_store
 from recon.cls_data import ClsData, eval_clouds, load_classification
 from recon.finetune import FinetuneParams, finetune
 from recon.metrics import per_class_accuracy
-from recon.model import ReConConfig, ReConPretrain
+from recon.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
 from recon.targets import TargetStats
 from recon.weights import InitSource, load_init
 
@@ -66,6 +66,20 @@ def random_init_like(model: ReConPretrain, seed: int = 0) -> ReConPretrain:
         baseline = type(model)(model.cfg).eval()
     baseline.target_stats = model.target_stats    # the same map back into teacher space (zero-shot)
     return baseline
+
+
+def baseline_batchnorm(model: ReConPretrain, train: ClsData | None, n_points: int, normalize: bool, count: int,
+                       seed: int, device: torch.device | str = "cpu") -> int:
+    """Re-estimate a random-init network's BatchNorm statistics on ``count`` train clouds (a seeded
+    choice, evaluation inputs), as pretraining does with ``bn_recalibrate``: fresh running
+    statistics (mean 0, variance 1) are ~1e4 times the real variance of the first layer's output,
+    so an uncalibrated baseline is weaker than the network it stands for. Returns the clouds used."""
+    if train is None or count <= 0 or not len(train.labels):
+        return 0
+    rows = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
+    clouds = eval_clouds(train.subset(rows), n_points, normalize, device)
+    recalibrate_batchnorm(model, torch.from_numpy(clouds).to(device))
+    return len(rows)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from recon.cls_data import load_classification
 from recon.distributed import pick_device
 from recon.evaluate import (
     FewshotSettings,
+    baseline_batchnorm,
     fewshot_eval,
     fewshot_from_folds,
     load_pretrained,
@@ -56,6 +57,7 @@ class EvaluateParams:
     batch: int = 64
     seed: int = 0
     baseline: bool = False                        # also evaluate the same network at random init (seed)
+    bn_recalibrate: int = 256                     # the baseline's BatchNorm statistics from this many train clouds
     out: str | None = None                        # folder of metrics.json; None = <cache>/evaluate
     device: str = "auto"
 
@@ -84,6 +86,9 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
     # (name, network) pairs evaluated side by side: the checkpoint, then its architecture at random init
     nets = [("pretrained", model)] + ([("random_init", random_init_like(model, p.seed).to(device))] if p.baseline else [])
     sections = {name: metrics if name == "pretrained" else metrics.setdefault(name, {"seed": p.seed}) for name, _ in nets}
+    if p.baseline:  # fresh BatchNorm running stats (mean 0, var 1) are not the network's statistics on any data
+        calibrated = baseline_batchnorm(nets[1][1], train, p.n_points, p.normalize, p.bn_recalibrate, p.seed, device)
+        sections["random_init"]["bn_recalibrated_clouds"] = calibrated
     if "svm" in p.tasks:
         for name, net in nets:
             svm = sections[name]["svm"] = svm_eval(net, train, test, p.n_points, p.normalize, p.svm_c, p.batch,

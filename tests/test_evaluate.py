@@ -218,13 +218,23 @@ def test_random_init_baseline_side_by_side(tmp_path, monkeypatch):
     assert torch.equal(torch.get_rng_state(), state)                          # the caller's RNG is untouched
     torch.save({"model": baseline.state_dict(), "config": json.loads(json.dumps(model.cfg.__dict__, default=list))},
                tmp_path / "random.pt")
-    common = dict(store=str(store), tasks=["svm"], n_points=32, device="cpu", baseline=True, seed=0)
+    common = dict(store=str(store), tasks=["svm"], n_points=32, device="cpu", baseline=True, seed=0, bn_recalibrate=0)
     same = stage.run(stage.params(dict(checkpoint=str(tmp_path / "random.pt"), **common)), tmp_path / "a")
     assert same["random_init"]["svm"] == same["svm"] and same["random_init"]["seed"] == 0
+    assert same["random_init"]["bn_recalibrated_clouds"] == 0
     other = stage.run(stage.params(dict(checkpoint=str(tmp_path / "model.pt"), **common)), tmp_path / "b")
     assert other["random_init"]["svm"] == same["svm"]                         # the baseline depends on the config only
     train, test = load_classification(store, "train"), load_classification(store, "test")
     assert other["svm"] == E.svm_eval(model, train, test, n_points=32)
+    # by default the baseline's BatchNorm statistics are re-estimated on train clouds, as pretraining does
+    calibrated = stage.run(stage.params(dict(checkpoint=str(tmp_path / "model.pt"), **{**common, "bn_recalibrate": 4})),
+                           tmp_path / "c")
+    expected = E.random_init_like(model, seed=0)
+    assert E.baseline_batchnorm(expected, train, 32, True, 4, 0) == 4 == calibrated["random_init"]["bn_recalibrated_clouds"]
+    bn = next(m for m in expected.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert float(bn.running_var.mean()) < 0.5                                  # not the fresh variance of 1
+    assert calibrated["random_init"]["svm"] == E.svm_eval(expected, train, test, n_points=32)
+    assert calibrated["svm"] == other["svm"]                                   # the checkpoint itself is untouched
 
 
 def test_cli_evaluate_by_hand_keeps_the_pipeline_metrics(tmp_path, monkeypatch):
