@@ -11,7 +11,9 @@ Every random draw is seeded by (seed, epoch, row), so a resumed run continues ex
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,12 @@ def superset_size(n_points: int, available: int) -> int:
     return min(SUPERSET.get(n_points, math.ceil(n_points * 1.171875)), available)
 
 
+#: FPS results by content: every fine-tuning seed, few-shot fold and study arm reuses the supersets
+#: of the same clouds instead of recomputing them (bounded; least recently used dropped first)
+FPS_MEMO_BYTES = 1 << 30
+_FPS_MEMO: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
 def fps_order(points: np.ndarray, k: int, device: str | torch.device = "cpu", batch: int = 64) -> np.ndarray:
     """The first ``k`` farthest-point-sampled points of every cloud, in FPS order [N, k, 3].
 
@@ -83,8 +91,16 @@ def fps_order(points: np.ndarray, k: int, device: str | torch.device = "cpu", ba
     """
     if k >= points.shape[1]:
         return np.ascontiguousarray(points, dtype=np.float32)
-    picks = fps_indices(points, k, device, batch)
-    return np.ascontiguousarray(np.take_along_axis(points, picks[..., None], axis=1), dtype=np.float32)
+    key = (hashlib.blake2b(np.ascontiguousarray(points).view(np.uint8), digest_size=16).hexdigest(),
+           points.shape, str(points.dtype), k)
+    if key not in _FPS_MEMO:
+        picks = fps_indices(points, k, device, batch)
+        _FPS_MEMO[key] = np.ascontiguousarray(np.take_along_axis(points, picks[..., None], axis=1), dtype=np.float32)
+        _FPS_MEMO.move_to_end(key)
+        while sum(v.nbytes for v in _FPS_MEMO.values()) > FPS_MEMO_BYTES and len(_FPS_MEMO) > 1:
+            _FPS_MEMO.popitem(last=False)
+    _FPS_MEMO.move_to_end(key)
+    return _FPS_MEMO[key].copy()
 
 
 def prepare(data: ClsData, recipe: Profile, device: str | torch.device = "cpu") -> np.ndarray:

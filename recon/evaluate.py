@@ -112,10 +112,15 @@ def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int 
 
 
 def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              k: int = 5) -> float:
-    """Cosine k-NN accuracy (fraction) of test features against train features, majority vote."""
+              k: int = 5, center: bool = False) -> float:
+    """Cosine k-NN accuracy (fraction) of test features against train features, majority vote;
+    ``center`` subtracts the train features' mean first (a common offset then no longer dominates
+    every cosine)."""
     if not len(test_y):
         return float("nan")
+    if center:
+        mean = train_x.mean(axis=0, keepdims=True)
+        train_x, test_x = train_x - mean, test_x - mean
     sim = _unit(test_x) @ _unit(train_x).T
     nearest = np.argsort(-sim, axis=1)[:, :min(k, len(train_y))]
     pred = np.array([np.bincount(votes).argmax() for votes in train_y[nearest]])

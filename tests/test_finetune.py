@@ -288,3 +288,25 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     digests = [(tmp_path / f"digest-{rank}").read_text() for rank in (0, 1)]
     assert digests[0] == digests[1]
+
+
+def test_fps_order_memo_returns_the_same_clouds_and_a_private_copy(monkeypatch):
+    """The FPS memo: a second call on equal clouds reuses the result (no new FPS), equals a fresh
+    computation, and a caller writing into its array cannot corrupt the memo."""
+    from recon import cls_data
+
+    rng = np.random.default_rng(3)
+    clouds = rng.normal(size=(5, 300, 3)).astype(np.float32)
+    cls_data._FPS_MEMO.clear()
+    first = cls_data.fps_order(clouds, 64)
+    calls = []
+    real = cls_data.fps_indices
+    monkeypatch.setattr(cls_data, "fps_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = cls_data.fps_order(clouds.copy(), 64)
+    assert calls == [] and np.array_equal(first, second)
+    second[:] = 0
+    assert np.array_equal(cls_data.fps_order(clouds, 64), first)
+    other = cls_data.fps_order(clouds[:, ::-1].copy(), 64)   # other content: computed anew
+    assert calls == [1] and not np.array_equal(other, first)
+    cls_data._FPS_MEMO.clear()
+    assert np.array_equal(cls_data.fps_order(clouds, 64), first)   # memo off the path: same answer
