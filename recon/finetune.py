@@ -88,7 +88,7 @@ PROFILES: dict[str, Profile] = {
 #: 32, drop path 0.1, no voting), and the demo's, small enough for a minute on two CPU cores
 PARTSEG_PROFILES: dict[str, Profile] = {
     "shapenetpart": Profile(2048, 128, 32, 1e-4, 300, 10, 16, 0.1, "scale_shift", "none", False),
-    "demo-partseg": Profile(512, 32, 32, 1e-3, 6, 1, 16, 0.1, "scale_shift", "none", False, "step"),
+    "demo-partseg": Profile(256, 16, 32, 1e-3, 5, 1, 16, 0.1, "scale_shift", "none", False, "step"),
 }
 SEG_AUGMENTATIONS = ("none", "scale_shift")   # scale_shift: recon.partseg_data.scale_and_translate
 #: the ScanObjectNN variant (``pipeline/convert.py``) each ScanObjectNN profile is the recipe for

@@ -32,6 +32,9 @@ TINY = {
     "convert": {"points": 256},
     "finetune": {"epochs": 2, "batch_size": 2, "n_points": 128, "num_group": 8, "group_size": 16, "votes": 2},
     "evaluate": {"n_points": 128},
+    "demo_parts": {"points": 128},
+    "partseg": {"epochs": 1, "batch_size": 2, "n_points": 128, "num_group": 8, "group_size": 16,
+                "seg": {"propagation_dims": [32, 32], "head_dims": [32, 16], "label_dim": 8}},
 }
 
 
@@ -103,7 +106,7 @@ def test_metrics_and_plots_are_git_tracked_and_artifacts_are_not():
 def test_repro_then_noop_then_partial_rerun(project):
     first = _dvc(project, "repro")
     assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
-                           "finetune", "evaluate", "export"}
+                           "finetune", "evaluate", "export", "demo_parts", "partseg"}
     pretrain = json.loads((project / "cache" / "metrics" / "pretrain" / "metrics.json").read_text())
     for term in ("img", "text"):
         assert pretrain[f"test_loss_{term}_ratio"] == pytest.approx(
@@ -111,6 +114,9 @@ def test_repro_then_noop_then_partial_rerun(project):
     assert set(pretrain["probe"]["pretrained"]["knn_by_part"]) == {"cls", "img", "txt", "pooled"}
     assert pretrain["probe"]["pretrained"]["knn"] == pretrain["probe_knn"]
     assert pretrain["test_shapes_held_out"] is True and pretrain["target_norm"] == "store"
+    partseg = json.loads((project / "cache" / "metrics" / "partseg" / "metrics.json").read_text())
+    assert partseg["selection"] == "last epoch" and partseg["epochs"] == TINY["partseg"]["epochs"]
+    assert partseg["train_shapes"] + partseg.get("test_shapes", 0) == 6   # every demo shape, train or test
     evaluation = json.loads((project / "cache" / "metrics" / "evaluate" / "metrics.json").read_text())
     assert {"svm", "zeroshot", "random_init"} <= set(evaluation)
     second = _dvc(project, "repro")
@@ -124,7 +130,7 @@ def test_repro_then_noop_then_partial_rerun(project):
     params["render"]["resolution"] = 48
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = _dvc(project, "repro")
-    assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export"}, third
+    assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export", "partseg"}, third
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
