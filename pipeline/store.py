@@ -265,7 +265,10 @@ class StoreWriter:
     def done_mask(self) -> np.ndarray:
         """Rows already written. A chunk whose mask cannot be read counts as not done."""
         done = np.zeros(self.n, dtype=bool)
-        arr = self.group["done"]
+        try:
+            arr = self.group["done"]
+        except Exception:  # the partial store was finalised (renamed) by another shard meanwhile
+            return done
         for start in range(0, self.n, self.chunk_rows):
             stop = min(start + self.chunk_rows, self.n)
             try:

@@ -71,7 +71,6 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
             writer.write_rows(block, data, ok)
             fault_injection(block)
 
-    failures = writer.failures()
     n_pending = int((~writer.done_mask()).sum())
     if n_pending:
         if limit is not None:
@@ -83,6 +82,9 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
         return False
     if writer.finalise() is None:  # another shard finished at the same moment and finalises
         return False
+    # read from the finalised store: every shard's records merged (read before, another shard's last
+    # failures could be missing, or its partial folder already renamed away)
+    failures = [record for _, record in sorted(read_failure_log(store_path).items())]
     path = write_failures(stage, failures, failures_dir)
     summarise(stage, len(ids), len(failures), timer.seconds, strict, path)
     return True
