@@ -7,9 +7,10 @@ The procedural demo generator writes ``--shapes`` meshes (12 categories, ShapeNe
 then demo-data, index, render, sample, embed and ``--steps`` pretraining steps run as the CLI runs
 them (one process each, in ``--work`` with its own params.yaml and cache). Per stage: wall time,
 shapes/s, peak memory of the stage's whole process tree (proportional set size, sampled every
-0.2 s: pool workers and loader workers included, shared pages counted once), and the disk its outputs take. Pretraining runs the
-trainer `recon pretrain` runs (real stores, real loader) plus the train-split target statistics (streamed),
-not the k-NN probe (its memory and time grow with the test split; see bench/README.md).
+0.2 s: pool workers and loader workers included, shared pages counted once), and the disk its
+outputs take. Pretraining runs the trainer `recon pretrain` runs (real stores, real loader) with
+its monitor (bounded by ``monitor_shapes``: 512 train + 512 test shapes whatever N is), plus the
+train-split target statistics (streamed).
 Results: a table on stdout and ``<work>/rehearsal.json``; rerun with another ``--shapes`` to see
 which stages' memory grows with N.
 """
