@@ -267,7 +267,8 @@ def export(checkpoint: Optional[Path] = typer.Option(None, help="fine-tuned mode
            onnx: Optional[Path] = typer.Option(None, "--onnx", help="output .onnx file [params: export.onnx]"),
            n_points: Optional[int] = typer.Option(None, help="example input size [params: export.n_points]"),
            check: Optional[bool] = typer.Option(None, "--check/--no-check", help="compare with torch in onnxruntime")) -> None:
-    """Export the fine-tuned classifier to ONNX (grouping included) and check it with onnxruntime."""
+    """Export a fine-tuned classifier or part-segmentation model (told apart by the checkpoint) to
+    ONNX, grouping included, and check it with onnxruntime."""
     from stages import export as stage
 
     p = stage.params(dict(checkpoint=str(checkpoint) if checkpoint else None, onnx=str(onnx) if onnx else None,

@@ -1,6 +1,8 @@
-"""Stage `export`: the fine-tuned classifier (``cache/finetune/model.pt``) → ONNX with the grouping
-in the graph (``cache/export/classifier.onnx``), checked against torch with onnxruntime
-(``cache/metrics/export/check.json``, git-tracked: max |logit difference|, must be <= 1e-4)."""
+"""Stage `export`: a fine-tuned network → ONNX with the grouping in the graph, checked against torch
+with onnxruntime (max |logit difference|, must be <= 1e-4): the classifier
+(``cache/finetune/model.pt`` → ``cache/export/classifier.onnx``, report ``cache/metrics/export/check.json``)
+or, for a part-segmentation checkpoint (``cache/partseg/model.pt``; ``points`` + ``category`` in,
+per-point logits out), ``cache/export/partseg.onnx`` with ``cache/metrics/export/partseg_check.json``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import numpy as np
 
 from pipeline import layout
 from recon import trainstate
-from recon.export import OPSET, check_onnx, export_onnx
+import torch
+
+from recon.export import OPSET, check_onnx, check_partseg_onnx, export_onnx, export_partseg_onnx
+from recon.partseg_finetune import load_partseg_model
 from recon.weights import load_finetuned
 from stages.common import console, load_params, metrics_dir
 
@@ -30,7 +35,15 @@ def params(overrides: dict | None = None) -> ExportParams:
     return load_params(ExportParams, "export", overrides)
 
 
+def checkpoint_task(path: str) -> str:
+    """``partseg`` for a checkpoint saved by the part-segmentation fine-tune, else ``classification``."""
+    return "partseg" if torch.load(path, map_location="cpu", weights_only=True).get("task") == "partseg" \
+        else "classification"
+
+
 def run(p: ExportParams) -> dict:
+    if checkpoint_task(p.checkpoint) == "partseg":
+        return run_partseg(p)
     model, ckpt = load_finetuned(p.checkpoint)
     n_points = p.n_points or int(ckpt.get("recipe", {}).get("n_points", 1024))
     path = export_onnx(model, p.onnx, n_points, p.opset)
@@ -39,5 +52,21 @@ def run(p: ExportParams) -> dict:
         points = np.random.default_rng(p.seed).normal(size=(2, n_points, 3)).astype(np.float32)
         report["max_abs_diff"] = check_onnx(path, model, points, p.atol)
     trainstate.write_json(metrics_dir(path.parent) / "check.json", report)
+    console.print(f"[green]export: {path}[/]", report)
+    return report
+
+
+def run_partseg(p: ExportParams) -> dict:
+    model, ckpt = load_partseg_model(p.checkpoint)
+    n_points = p.n_points or int(ckpt.get("recipe", {}).get("n_points", 2048))
+    path = export_partseg_onnx(model, p.onnx, n_points, p.opset)
+    report = {"onnx": str(path), "task": "partseg", "n_points": n_points, "categories": len(ckpt["class_names"]),
+              "parts": int(ckpt["num_parts"]), "opset": p.opset}
+    if p.check:
+        rng = np.random.default_rng(p.seed)
+        points = rng.normal(size=(2, n_points, 3)).astype(np.float32)
+        category = rng.integers(0, len(ckpt["class_names"]), size=2)
+        report["max_abs_diff"] = check_partseg_onnx(path, model, points, category, p.atol)
+    trainstate.write_json(metrics_dir(path.parent) / f"{path.stem}_check.json", report)
     console.print(f"[green]export: {path}[/]", report)
     return report

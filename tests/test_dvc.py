@@ -106,17 +106,20 @@ def test_metrics_and_plots_are_git_tracked_and_artifacts_are_not():
 def test_repro_then_noop_then_partial_rerun(project):
     first = _dvc(project, "repro")
     assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
-                           "finetune", "evaluate", "export", "demo_parts", "partseg"}
+                           "finetune", "evaluate", "export", "demo_parts", "partseg", "export_partseg"}
     pretrain = json.loads((project / "cache" / "metrics" / "pretrain" / "metrics.json").read_text())
     for term in ("img", "text"):
         assert pretrain[f"test_loss_{term}_ratio"] == pytest.approx(
             pretrain[f"test_loss_{term}"] / pretrain[f"test_loss_{term}_baseline"])
-    assert set(pretrain["probe"]["pretrained"]["knn_by_part"]) == {"cls", "img", "txt", "pooled"}
+    assert set(pretrain["probe"]["pretrained"]["knn_by_part"]) == {"cls", "img", "txt", "pooled", "img_proj",
+                                                                   "text_proj"}
     assert pretrain["probe"]["pretrained"]["knn"] == pretrain["probe_knn"]
     assert pretrain["test_shapes_held_out"] is True and pretrain["target_norm"] == "store"
     partseg = json.loads((project / "cache" / "metrics" / "partseg" / "metrics.json").read_text())
     assert partseg["selection"] == "last epoch" and partseg["epochs"] == TINY["partseg"]["epochs"]
     assert partseg["train_shapes"] + partseg.get("test_shapes", 0) == 6   # every demo shape, train or test
+    onnx = json.loads((project / "cache" / "metrics" / "export" / "partseg_check.json").read_text())
+    assert onnx["task"] == "partseg" and onnx["max_abs_diff"] <= 1e-4
     evaluation = json.loads((project / "cache" / "metrics" / "evaluate" / "metrics.json").read_text())
     assert {"svm", "zeroshot", "random_init"} <= set(evaluation)
     second = _dvc(project, "repro")
@@ -130,7 +133,8 @@ def test_repro_then_noop_then_partial_rerun(project):
     params["render"]["resolution"] = 48
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     third = _dvc(project, "repro")
-    assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export", "partseg"}, third
+    assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export", "partseg",
+                           "export_partseg"}, third
 
 
 def _numbers(metrics: dict) -> dict[str, float]:

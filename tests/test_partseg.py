@@ -235,3 +235,34 @@ def test_onnx_logits_match_torch(tmp_path):
     with pytest.raises(AssertionError, match="differ from torch"):
         model.head.conv3.bias.data += 1e-2                         # the check does catch a mismatch
         check_partseg_onnx(path, model, rng.normal(size=(1, 128, 3)), np.zeros(1))
+
+
+def test_export_stage_tells_a_partseg_checkpoint_apart(tmp_path, monkeypatch):
+    """`recon export` on a part-segmentation model.pt writes the segmentation graph (points +
+    category in) and its parity report; a classifier checkpoint still goes the classifier's way."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from recon.export import onnx_session
+    from recon.finetune import Profile
+    from recon.partseg_data import SegData
+    from recon.partseg_finetune import save_partseg_model
+    from stages.export import checkpoint_task
+
+    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
+    model = tiny_model()
+    data = SegData(np.zeros((1, 8, 3), np.float32), np.zeros((1, 8), np.int64), np.zeros(1, np.int64),
+                   np.array(["s0"]), ["a", "b", "c"], [[0, 1], [2, 3], [4, 5]], 6)
+    recipe = Profile(192, 4, 16, 1e-3, 1, 0, 16, 0.0, "none", "none", False)
+    save_partseg_model(tmp_path / "seg.pt", model, data, recipe, epoch=0)
+    assert checkpoint_task(str(tmp_path / "seg.pt")) == "partseg"
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "seg.pt"),
+                                      "--onnx", str(tmp_path / "out" / "partseg.onnx")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "metrics" / "out" / "partseg_check.json").read_text())
+    assert report["task"] == "partseg" and report["n_points"] == 192 and report["parts"] == 6
+    assert report["categories"] == 3 and report["max_abs_diff"] <= 1e-4
+    session = onnx_session(tmp_path / "out" / "partseg.onnx")
+    points = np.linspace(-1, 1, 300, dtype=np.float32).reshape(1, 100, 3)
+    logits = session.run(None, {"points": points, "category": np.array([1])})[0]
+    assert logits.shape == (1, 100, 6)
