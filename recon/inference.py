@@ -4,7 +4,8 @@ test-set evaluation (single pass, voted, per class)."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,18 +22,27 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-@torch.no_grad()
+@contextmanager
+def evaluating(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode (and bf16 autocast on CUDA) for the block, without gradients; the model's
+    train/eval state is restored afterwards, whatever happens inside."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_for(device):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def predict_logits(model: torch.nn.Module, clouds: np.ndarray, batch: int = 64,
                    device: torch.device | str = "cpu") -> np.ndarray:
     """Logits [N, C] of clouds [N, n, 3] in eval mode."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     out = []
-    with autocast_for(device):
+    with evaluating(model, device):
         for i in range(0, len(clouds), batch):
             out.append(model(torch.from_numpy(clouds[i:i + batch]).to(device)).float().cpu().numpy())
-    model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -25,7 +25,7 @@ from pipeline import layout
 from recon import trainstate
 from recon.distributed import Dist, pick_device
 from recon.finetune import FinetuneParams, FinetuneResult, Profile, train_task
-from recon.inference import autocast_for
+from recon.inference import evaluating
 from recon.model import ReConConfig
 from recon.partseg import PartSegConfig, ReConPartSeg, load_encoder
 from recon.partseg_data import SegData, SegTrainSet
@@ -53,22 +53,18 @@ def build_partseg(p: FinetuneParams, data: SegData, init: InitSource | None) -> 
     return model
 
 
-@torch.no_grad()
 def predict_parts(model: nn.Module, points: np.ndarray, label: np.ndarray, category_parts: list[list[int]],
                   batch: int = 32, device: torch.device | str = "cpu") -> np.ndarray:
     """Global part ids [N, P] of clouds [N, P, 3] (eval mode): the argmax over each shape's
     category parts."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     out = []
-    with autocast_for(device):
+    with evaluating(model, device):
         for i in range(0, len(points), batch):
             logits = model(torch.from_numpy(np.ascontiguousarray(points[i:i + batch])).to(device),
                            torch.from_numpy(label[i:i + batch]).to(device))
             out.append(restrict_to_category(logits.float(), torch.from_numpy(label[i:i + batch]).to(device),
                                             category_parts).cpu().numpy())
-    model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, points.shape[1]), np.int64)
 
 
