@@ -96,7 +96,6 @@ def fps_order(points: np.ndarray, k: int, device: str | torch.device = "cpu", ba
     if key not in _FPS_MEMO:
         picks = fps_indices(points, k, device, batch)
         _FPS_MEMO[key] = np.ascontiguousarray(np.take_along_axis(points, picks[..., None], axis=1), dtype=np.float32)
-        _FPS_MEMO.move_to_end(key)
         while sum(v.nbytes for v in _FPS_MEMO.values()) > FPS_MEMO_BYTES and len(_FPS_MEMO) > 1:
             _FPS_MEMO.popitem(last=False)
     _FPS_MEMO.move_to_end(key)

@@ -140,17 +140,15 @@ def probe(train: Encoded, test: Encoded, train_labels: np.ndarray, test_labels: 
         result["svm_std"] = svm_accuracy((train.svm - mean) / std, train_labels, (test.svm - mean) / std,
                                          test_labels, seed=seed)[1]
     if by_part:
-        result["knn_by_part"] = {part: 100 * knn_probe(train.features[:, k * width:(k + 1) * width], train_labels,
-                                                       test.features[:, k * width:(k + 1) * width], test_labels)
-                                 for k, part in enumerate(PARTS)}
+        for key, center in (("knn_by_part", False), ("knn_by_part_centered", True)):
+            result[key] = {part: 100 * knn_probe(train.features[:, k * width:(k + 1) * width], train_labels,
+                                                 test.features[:, k * width:(k + 1) * width], test_labels,
+                                                 center=center)
+                           for k, part in enumerate(PARTS)}
         # the projections: what the distillation losses shape (the tokens above also carry what they ignore)
         for part, train_x, test_x in (("img_proj", train.img, test.img), ("text_proj", train.text, test.text)):
             result["knn_by_part"][part] = 100 * knn_probe(train_x.numpy(), train_labels, test_x.numpy(), test_labels)
         result["knn_centered"] = 100 * knn_probe(train.features, train_labels, test.features, test_labels, center=True)
-        result["knn_by_part_centered"] = {
-            part: 100 * knn_probe(train.features[:, k * width:(k + 1) * width], train_labels,
-                                  test.features[:, k * width:(k + 1) * width], test_labels, center=True)
-            for k, part in enumerate(PARTS)}
         # the spread across shapes the raw SVM sees, per part of its feature (queries | patches)
         half = train.svm.shape[1] // 2
         result["svm_feature_spread"] = {"queries": float(train.svm[:, :half].std(0).mean()),

@@ -37,8 +37,9 @@ def params(overrides: dict | None = None) -> ExportParams:
 
 def checkpoint_task(path: str) -> str:
     """``partseg`` for a checkpoint saved by the part-segmentation fine-tune, else ``classification``."""
-    return "partseg" if torch.load(path, map_location="cpu", weights_only=True).get("task") == "partseg" \
-        else "classification"
+    # memory-mapped: only the small entries are read; the loader below reads the weights once
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return "partseg" if ckpt.get("task") == "partseg" else "classification"
 
 
 def run(p: ExportParams) -> dict:

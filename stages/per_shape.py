@@ -35,7 +35,7 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
         console.print(f"{stage}: {store_path} is up to date ({len(ids)} shapes)")
         store = open_store(store_path)
         if shard.rank == 0:
-            write_failures(stage, list(read_failure_log(store_path).values()), failures_dir)
+            write_failures(stage, store_failures(store_path), failures_dir)
         summarise(stage, len(ids), int((~store.ok).sum()), 0.0, strict, _failures_file(stage, failures_dir))
         return True
 
@@ -84,10 +84,16 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
         return False
     # read from the finalised store: every shard's records merged (read before, another shard's last
     # failures could be missing, or its partial folder already renamed away)
-    failures = [record for _, record in sorted(read_failure_log(store_path).items())]
+    failures = store_failures(store_path)
     path = write_failures(stage, failures, failures_dir)
     summarise(stage, len(ids), len(failures), timer.seconds, strict, path)
     return True
+
+
+def store_failures(store_path: Path) -> list[dict]:
+    """The failure records of a finished store, by shape id: the same table whether the stage
+    just finished it or found it up to date."""
+    return [record for _, record in sorted(read_failure_log(store_path).items())]
 
 
 def _failures_file(stage: str, failures_dir: Path | None) -> Path:
