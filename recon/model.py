@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict] = {
     "base": dict(trans_dim=384, num_heads=6, decoder_num_heads=6),
 }
 TARGETS = ("rec", "img", "text", "smc")
+PROJ_NORMS = ("none", "batch")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ReConConfig:
     smc_tau: float = 0.1
     targets: tuple[str, ...] = ("rec", "img", "text")   # subset of TARGETS
     loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"img": 0.5}; default 1
+    proj_norm: str = "none"          # none (the reference) | batch: BatchNorm (no affine) before img/text_proj
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -61,6 +63,8 @@ class ReConConfig:
             raise ValueError(f"unknown targets {bad}; choose from {TARGETS}")
         if self.global_loss not in L.GLOBAL_LOSSES:
             raise ValueError(f"unknown global_loss {self.global_loss!r}")
+        if self.proj_norm not in PROJ_NORMS:
+            raise ValueError(f"unknown proj_norm {self.proj_norm!r}; choose from {PROJ_NORMS}")
         if self.trans_dim % self.num_heads or self.trans_dim % self.decoder_num_heads:
             raise ValueError("trans_dim must be divisible by the head counts")
 
@@ -423,6 +427,11 @@ class ReConPretrain(nn.Module):
         self.decoder_pos_embed = PositionalMLP(C)
         self.decoder = ReConDecoder(cfg)
         self.rebuild_head = nn.Linear(C, 3 * cfg.group_size)
+        # proj_norm "batch": the IMG/TXT queries are one near-constant vector across shapes (per-dimension
+        # spread ~0.09 on offsets ~0.8 at init), an ill-conditioned input a linear head barely learns
+        # from in a short run; centring and scaling them per dimension first removes that (docs/pretraining.md)
+        self.img_norm = nn.BatchNorm1d(C, affine=False) if cfg.proj_norm == "batch" else nn.Identity()
+        self.text_norm = nn.BatchNorm1d(C, affine=False) if cfg.proj_norm == "batch" else nn.Identity()
         self.img_proj = nn.Linear(C, cfg.img_feat_dim)
         self.text_proj = nn.Linear(C, cfg.text_feat_dim)
         if "smc" in cfg.targets:
@@ -504,8 +513,7 @@ class ReConPretrain(nn.Module):
                          group_tokens=enc["group_tokens"], vis_pos=enc["patch_pos"],
                          block_outputs=enc["block_outputs"], tokens=tokens,
                          cls=tokens[:, 0], img=tokens[:, 1], txt=tokens[:, 2],
-                         img_proj=self.img_proj(tokens[:, 1]),
-                         text_proj=self.text_proj(tokens[:, 2]),
+                         **dict(zip(("img_proj", "text_proj"), self.project(tokens))),
                          rebuild_points=None, gt_points=None, dec_pos_vis=None,
                          dec_pos_mask=None, decoder_out=None,
                          loss_rec=zero, loss_img=zero, loss_text=zero, loss_smc=zero)
@@ -523,6 +531,11 @@ class ReConPretrain(nn.Module):
         out["loss"] = sum(w.get(k, 1.0) * out[f"loss_{k}"] for k in TARGETS)
         return out
 
+    def project(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(img_proj(IMG), text_proj(TXT)) of final normed tokens [B,3+V,C], each [B,D] (through the
+        projection norms when ``cfg.proj_norm`` is "batch")."""
+        return self.img_proj(self.img_norm(tokens[:, 1])), self.text_proj(self.text_norm(tokens[:, 2]))
+
     def encode(self, points: Tensor) -> Tensor:
         """Final normed tokens [B,3+G,C] with every group visible."""
         neighborhood, center = group_points(points, self.cfg.num_group, self.cfg.group_size)
@@ -539,8 +552,7 @@ class ReConPretrain(nn.Module):
     def zero_shot_features(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """(img_proj(IMG), text_proj(TXT)) with every group visible, each [B,D], in the teachers'
         spaces (de-normalised when the targets were standardised)."""
-        tokens = self.encode(points)
-        img, txt = self.img_proj(tokens[:, 1]), self.text_proj(tokens[:, 2])
+        img, txt = self.project(self.encode(points))
         if self.target_stats is not None:
             img = self.target_stats.denormalize("img", img) if self.target_stats.img_mean is not None else img
             txt = self.target_stats.denormalize("text", txt) if self.target_stats.text_mean is not None else txt
@@ -550,8 +562,9 @@ class ReConPretrain(nn.Module):
 @torch.no_grad()
 def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32) -> None:
     """Precise BatchNorm: re-estimate the running statistics of the patch embedding's BatchNorm
-    layers as the plain average over ``clouds`` [N, n, 3] (train-mode statistics, no gradient,
-    no random draw); the weights are untouched.
+    layers, then of the projection norms (``proj_norm: batch``, from every group visible, as
+    evaluation sees the queries), as the plain average over ``clouds`` [N, n, 3] (train-mode
+    statistics, no gradient, no random draw); the weights are untouched.
 
     Why: the running variances start at 1 and decay by the momentum (0.9 per step), while the
     true variance of the first layer's output is ~1e-4 (trunc-normal(0.02) weights). After the
@@ -559,18 +572,27 @@ def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32)
     initial value, so eval-mode features (probes, SVM, zero-shot) differ from the train-mode
     ones the losses were fitted with. The reference's ~120k steps make this moot."""
     embed = model.encoder.patch_embed
-    layers = [m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)]
-    saved = [(m.momentum, m.training) for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None                      # cumulative average over every batch below
-        m.train()
-    for i in range(0, len(clouds), batch):
-        neighborhood, _ = group_points(clouds[i:i + batch], model.cfg.num_group, model.cfg.group_size)
-        embed(neighborhood)
-    for m, (momentum, training) in zip(layers, saved):
-        m.momentum = momentum
-        m.train(training)
+    groups = [[m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)],
+              [m for m in (model.img_norm, model.text_norm) if isinstance(m, nn.BatchNorm1d)]]
+    was_training = model.training
+    model.eval()
+    for layers in groups:
+        if not layers:
+            continue
+        saved = [(m.momentum, m.training) for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None                      # cumulative average over every batch below
+            m.train()
+        for i in range(0, len(clouds), batch):
+            if layers is groups[0]:
+                embed(group_points(clouds[i:i + batch], model.cfg.num_group, model.cfg.group_size)[0])
+            else:
+                model.project(model.encode(clouds[i:i + batch]))
+        for m, (momentum, training) in zip(layers, saved):
+            m.momentum = momentum
+            m.train(training)
+    model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- fine-tuning

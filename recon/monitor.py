@@ -108,8 +108,7 @@ def encode(model: ReConPretrain, s: MonitorSet, batch: int, device) -> Encoded:
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     for i in range(0, len(s.rows), batch):
         tokens = model.encode(torch.from_numpy(s.clouds[i:i + batch]).to(device))
-        for part, value in zip(parts, (head_input(tokens), svm_input(tokens), model.img_proj(tokens[:, 1]),
-                                       model.text_proj(tokens[:, 2]))):
+        for part, value in zip(parts, (head_input(tokens), svm_input(tokens), *model.project(tokens))):
             part.append(value.float().cpu())
     model.train(was_training)
     features, svm, img, text = (torch.cat(p) for p in parts)

@@ -483,6 +483,35 @@ def test_batchnorm_recalibration_is_the_average_over_the_clouds():
     assert eval_vs_train_mode() < 1e-2         # now the same up to the unbiased/biased variance factor
 
 
+def test_projection_norms_are_recalibrated_on_fully_visible_queries(cache, tmp_path):
+    """``proj_norm: batch``: precise BN sets the projection norms' statistics to the mean and variance
+    of the IMG/TXT queries with every group visible (what evaluation feeds them, not the masked
+    training input), after the patch embedding's; a checkpoint carries them, so a reloaded model
+    gives the same zero-shot features."""
+    from recon.model import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = ReConPretrain(ReConConfig(**TINY_MODEL, proj_norm="batch")).train()
+    clouds = torch.rand(6, 128, 3) - 0.5
+    recalibrate_batchnorm(model, clouds, batch=6)
+    assert model.training and model.img_norm.training and model.img_norm.momentum == 0.1
+    model.eval()
+    with torch.no_grad():
+        tokens = model.encode(clouds)
+    for norm, row in ((model.img_norm, 1), (model.text_norm, 2)):
+        torch.testing.assert_close(norm.running_mean, tokens[:, row].mean(0))
+        torch.testing.assert_close(norm.running_var, tokens[:, row].var(0, unbiased=True))
+
+    result = train(tiny_params(epochs=1, model={**TINY_MODEL, "proj_norm": "batch"}, bn_recalibrate=8),
+                   cache, tmp_path / "w", log=lambda *_: None)
+    trained = result["model"].eval()
+    assert trained.img_norm.num_batches_tracked > 0
+    reloaded = load_pretrained(trainstate.latest(tmp_path / "w" / "checkpoints"))
+    x = torch.rand(2, 128, 3) - 0.5
+    for a, b in zip(reloaded.zero_shot_features(x), trained.zero_shot_features(x)):
+        torch.testing.assert_close(a, b)
+
+
 def test_model_file_is_replaced_atomically(tmp_path, monkeypatch):
     """A save killed half-way (here: torch.save raising after writing some bytes) leaves the
     previous model.pt intact and readable."""
