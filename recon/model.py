@@ -560,11 +560,11 @@ class ReConPretrain(nn.Module):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32) -> None:
+def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32, projections: bool = True) -> None:
     """Precise BatchNorm: re-estimate the running statistics of the patch embedding's BatchNorm
-    layers, then of the projection norms (``proj_norm: batch``, from every group visible, as
-    evaluation sees the queries), as the plain average over ``clouds`` [N, n, 3] (train-mode
-    statistics, no gradient, no random draw); the weights are untouched.
+    layers, then (``projections``) of the projection norms (``proj_norm: batch``: a full encoder
+    pass with every group visible, as evaluation feeds the queries), as the plain average over
+    ``clouds`` [N, n, 3] (train-mode statistics, no gradient, no random draw); the weights are untouched.
 
     Why: the running variances start at 1 and decay by the momentum (0.9 per step), while the
     true variance of the first layer's output is ~1e-4 (trunc-normal(0.02) weights). After the
@@ -573,7 +573,7 @@ def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32)
     ones the losses were fitted with. The reference's ~120k steps make this moot."""
     embed = model.encoder.patch_embed
     groups = [[m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)],
-              [m for m in (model.img_norm, model.text_norm) if isinstance(m, nn.BatchNorm1d)]]
+              [m for m in (model.img_norm, model.text_norm) if projections and isinstance(m, nn.BatchNorm1d)]]
     was_training = model.training
     model.eval()
     for layers in groups:

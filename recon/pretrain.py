@@ -238,9 +238,12 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                   **{("loss" if k == "loss" else f"loss_{k}"): sums[k] / max(seen, 1) for k in sums},
                   "samples_per_s": seen * d.world / elapsed, "data_s": t_data, "epoch_s": elapsed}
         t = time.perf_counter()
-        if calibration is not None:  # eval-mode statistics that match the weights (train mode ignores them)
-            recalibrate_batchnorm(model, calibration)
-        if monitor is not None and ((epoch + 1) % max(p.monitor_every, 1) == 0 or epoch + 1 == p.epochs):
+        last = epoch + 1 == p.epochs or (p.max_steps is not None and step >= p.max_steps)
+        monitoring = monitor is not None and ((epoch + 1) % max(p.monitor_every, 1) == 0 or last)
+        if calibration is not None:  # eval-mode statistics that match the weights (train mode ignores them);
+            # the projection norms need a full encoder pass: only where something evaluates them
+            recalibrate_batchnorm(model, calibration, projections=monitoring or last)
+        if monitoring:
             # eval mode, fixed inputs, no global RNG: training is unchanged
             record.update(monitor.record(model))
             record["monitor_s"] = time.perf_counter() - t

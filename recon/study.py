@@ -42,9 +42,10 @@ ARMS: dict[str, dict | None] = {
     "distill_only": {"targets": ["img", "text"]},
     "recon_raw": {"targets": ["rec", "img", "text"], "target_norm": "none"},
     "recon_std": {"targets": ["rec", "img", "text"], "target_norm": "store"},
-    # the released configuration, for reference: raw targets, SmoothL1, no BatchNorm recalibration
+    # the released configuration, for reference: raw targets, SmoothL1, no BatchNorm recalibration, the
+    # reference architecture (no model overrides such as proj_norm)
     "recon_reference": {"targets": ["rec", "img", "text"], "target_norm": "none", "global_loss": "smooth_l1",
-                        "bn_recalibrate": 0},
+                        "bn_recalibrate": 0, "model": {}},
 }
 LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-MAE)",
           "distill_only": "distillation only", "recon_raw": "ReCon, raw targets",

@@ -501,6 +501,9 @@ def test_projection_norms_are_recalibrated_on_fully_visible_queries(cache, tmp_p
     for norm, row in ((model.img_norm, 1), (model.text_norm, 2)):
         torch.testing.assert_close(norm.running_mean, tokens[:, row].mean(0))
         torch.testing.assert_close(norm.running_var, tokens[:, row].var(0, unbiased=True))
+    kept = model.img_norm.running_mean.clone()
+    recalibrate_batchnorm(model, clouds[:3], batch=6, projections=False)   # the trainer's cheap per-epoch call
+    assert torch.equal(model.img_norm.running_mean, kept)
 
     result = train(tiny_params(epochs=1, model={**TINY_MODEL, "proj_norm": "batch"}, bn_recalibrate=8),
                    cache, tmp_path / "w", log=lambda *_: None)
