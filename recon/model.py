@@ -508,12 +508,13 @@ class ReConPretrain(nn.Module):
 
         enc = self.encoder(neighborhood, center, visible, stop_grad=cfg.stop_grad)
         tokens = enc["tokens"]
+        img_proj, text_proj = self.project(tokens)
         zero = tokens.new_zeros(())
         out: dict = dict(neighborhood=neighborhood, center=center, mask=mask,
                          group_tokens=enc["group_tokens"], vis_pos=enc["patch_pos"],
                          block_outputs=enc["block_outputs"], tokens=tokens,
                          cls=tokens[:, 0], img=tokens[:, 1], txt=tokens[:, 2],
-                         **dict(zip(("img_proj", "text_proj"), self.project(tokens))),
+                         img_proj=img_proj, text_proj=text_proj,
                          rebuild_points=None, gt_points=None, dec_pos_vis=None,
                          dec_pos_mask=None, decoder_out=None,
                          loss_rec=zero, loss_img=zero, loss_text=zero, loss_smc=zero)
@@ -572,27 +573,31 @@ def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32,
     initial value, so eval-mode features (probes, SVM, zero-shot) differ from the train-mode
     ones the losses were fitted with. The reference's ~120k steps make this moot."""
     embed = model.encoder.patch_embed
-    groups = [[m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)],
-              [m for m in (model.img_norm, model.text_norm) if projections and isinstance(m, nn.BatchNorm1d)]]
     was_training = model.training
     model.eval()
-    for layers in groups:
-        if not layers:
-            continue
-        saved = [(m.momentum, m.training) for m in layers]
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None                      # cumulative average over every batch below
-            m.train()
-        for i in range(0, len(clouds), batch):
-            if layers is groups[0]:
-                embed(group_points(clouds[i:i + batch], model.cfg.num_group, model.cfg.group_size)[0])
-            else:
-                model.project(model.encode(clouds[i:i + batch]))
-        for m, (momentum, training) in zip(layers, saved):
-            m.momentum = momentum
-            m.train(training)
+    average_batchnorm_statistics([m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)], clouds, batch,
+                                 lambda c: embed(group_points(c, model.cfg.num_group, model.cfg.group_size)[0]))
+    if projections:
+        average_batchnorm_statistics([m for m in (model.img_norm, model.text_norm) if isinstance(m, nn.BatchNorm1d)],
+                                     clouds, batch, lambda c: model.project(model.encode(c)))
     model.train(was_training)
+
+
+def average_batchnorm_statistics(layers: list[nn.BatchNorm1d], clouds: Tensor, batch: int, feed) -> None:
+    """Reset ``layers``' running statistics to the plain average of their train-mode batch statistics
+    while ``feed`` runs on ``clouds`` batch by batch; their momentum and mode are restored."""
+    if not layers:
+        return
+    saved = [(m.momentum, m.training) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None                      # cumulative average over every batch below
+        m.train()
+    for i in range(0, len(clouds), batch):
+        feed(clouds[i:i + batch])
+    for m, (momentum, training) in zip(layers, saved):
+        m.momentum = momentum
+        m.train(training)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
