@@ -11,7 +11,9 @@ with every group visible (as zero-shot and the downstream tasks see them):
 - a **probe** of the features: k-NN (k=5, cosine) on concat[CLS, IMG, TXT, max over patches] and a
   linear SVM (``LinearSVC(C=0.075)``, raw and train-standardised) on the reference SVM feature,
   test shapes classified from train shapes, for the model being trained and for the same
-  architecture at random init (seeded: the trained model's own starting point), side by side.
+  architecture at random init, side by side. The random-init figure is the mean over
+  ``baseline_seeds`` seeded twins (the first is the trained model's own starting point), with their
+  standard deviation: the spread a pretrained encoder has to beat, not just one lucky or unlucky init.
 
 Nothing here draws from the global RNG: monitoring does not change what training computes.
 """
@@ -163,7 +165,10 @@ class PretrainMonitor:
 
     def __init__(self, stores: PretrainStores, train_rows: np.ndarray, test_rows: np.ndarray, model: ReConPretrain,
                  kind: str, n_points: int, variants: range, stats: TargetStats | None, limit: int = 512,
-                 seed: int = 0, batch: int = 32, device="cpu", calibration: torch.Tensor | None = None):
+                 seed: int = 0, batch: int = 32, device="cpu", calibration: torch.Tensor | None = None,
+                 baseline_seeds: int = 1):
+        if baseline_seeds < 1:
+            raise ValueError(f"baseline_seeds must be >= 1, got {baseline_seeds}")
         self.kind, self.batch, self.device, self.seed = kind, batch, device, seed
         cfg = model.cfg
         self.width = cfg.trans_dim
@@ -179,11 +184,18 @@ class PretrainMonitor:
                 continue
             for name, s in self.sets.items():
                 self.baselines[f"{name}_loss_{term}_baseline"] = expected_loss(constant.float(), getattr(s, term), kind)
-        self.random_init = random_init_like(model, seed).to(device)
-        if calibration is not None:  # the same evaluation procedure as the trained model gets
-            recalibrate_batchnorm(self.random_init, calibration)
-        self.random_encoded = self.encode(self.random_init)
-        self.random_probe = self.probe(self.random_encoded) if self.can_probe else {}
+        # random-init twins at seeds seed, seed+1, ...: the first is the trained model's starting point,
+        # the others give the spread of the baseline; only the first one's features are kept (final())
+        self.random_probes: list[dict] = []
+        for k in range(baseline_seeds):
+            twin = random_init_like(model, seed + k).to(device)
+            if calibration is not None:  # the same evaluation procedure as the trained model gets
+                recalibrate_batchnorm(twin, calibration)
+            encoded = self.encode(twin)
+            if k == 0:
+                self.random_encoded = encoded
+            if self.can_probe:
+                self.random_probes.append(self.probe(encoded))
 
     @property
     def can_probe(self) -> bool:
@@ -218,16 +230,20 @@ class PretrainMonitor:
             current = self.probe(encoded)
             for key in ("knn", "svm", "svm_std"):
                 if key in current:
+                    baseline = [r[key] for r in self.random_probes]
                     out[f"probe_{key}"] = current[key]
-                    out[f"probe_{key}_random_init"] = self.random_probe[key]
+                    out[f"probe_{key}_random_init"] = float(np.mean(baseline))
+                    out[f"probe_{key}_random_init_std"] = float(np.std(baseline))
         return out
 
     def final(self, model: ReConPretrain) -> dict:
         """The end-of-run section of metrics.json: the record, the probe per feature part and the
-        feature spread behind the raw-SVM figure, for the model and for random init."""
+        feature spread behind the raw-SVM figure, for the model and for random init (its first seed), and
+        the random-init probe of every baseline seed."""
         encoded = self.encode(model)
         out: dict = {"record": self.record(model, encoded), "shapes": {k: int(len(s.rows)) for k, s in self.sets.items()}}
         if self.can_probe:
             out["probe"] = {"pretrained": self.probe(encoded, by_part=True),
-                            "random_init": self.probe(self.random_encoded, by_part=True)}
+                            "random_init": self.probe(self.random_encoded, by_part=True),
+                            "random_init_seeds": {str(self.seed + k): r for k, r in enumerate(self.random_probes)}}
         return out

@@ -64,6 +64,7 @@ class PretrainParams:
     image_variants: str = "augmented"  # with A > 1 stored variants: augmented (1..A-1) | all (0 = clean too)
     monitor_shapes: int = 512      # per split, for the per-epoch losses/baselines/probe; 0 = no monitor
     monitor_every: int = 1         # epochs between monitor records (the last epoch always has one)
+    baseline_seeds: int = 1        # random-init twins the probe compares with (mean ± std; the first = seed)
     bn_recalibrate: int = 0        # > 0: re-estimate BatchNorm running stats on this many train clouds each epoch
     query_lr_scale: float = 1.0    # lr multiplier of the query branch, query tokens and projections (distillation side)
     seed: int = 0
@@ -158,7 +159,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     monitor = None
     if p.monitor_shapes > 0 and d.is_main:  # built before training: its random-init twin is the untrained model
         monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
-                                  p.monitor_shapes, p.seed, device=d.device, calibration=calibration)
+                                  p.monitor_shapes, p.seed, device=d.device, calibration=calibration,
+                                  baseline_seeds=p.baseline_seeds)
     optimizer = adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []

@@ -36,6 +36,11 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
     if monitor is not None:
         final = monitor.final(model)
         metrics.update(monitor_shapes=final["shapes"], probe=final.get("probe", {}))
+        for key, name in (("knn", "k-NN"), ("svm", "SVM"), ("svm_std", "SVM, standardised")):
+            if f"probe_{key}" in metrics:
+                console.print(f"pretrain: held-out {name}: pretrained {metrics[f'probe_{key}']:.1f} % vs random init "
+                              f"{metrics[f'probe_{key}_random_init']:.1f} ± {metrics[f'probe_{key}_random_init_std']:.1f} "
+                              f"% ({p.baseline_seeds} seed{'s' if p.baseline_seeds > 1 else ''})")
         for term in ("img", "text"):
             ratio = metrics.get(f"test_loss_{term}_ratio")
             if ratio is not None and ratio > 0.95:

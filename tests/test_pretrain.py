@@ -356,7 +356,36 @@ def test_monitor_baselines_match_brute_force(tmp_path):
     record = monitor.record(model)
     for key in ("knn", "svm", "svm_std"):                                # the model *is* its seed-0 init
         assert record[f"probe_{key}_random_init"] == record[f"probe_{key}"]
+        assert record[f"probe_{key}_random_init_std"] == 0.0             # one baseline seed: no spread
     assert record["test_loss_img_ratio"] == pytest.approx(record["test_loss_img"] / record["test_loss_img_baseline"])
+
+
+def test_random_init_probe_is_the_mean_and_spread_over_baseline_seeds(tmp_path):
+    """The probe's random-init figure is the mean ± std over seeded twins, the first of them the
+    trained model's own starting point; each twin is an independent, recalibrated network."""
+    from recon.evaluate import random_init_like
+    from recon.monitor import PretrainMonitor
+
+    stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3))
+    split = stores.shapes["split"].to_numpy()
+    train_rows, test_rows = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    torch.manual_seed(3)
+    model = ReConPretrain(ReConConfig(**TINY_MODEL, img_feat_dim=stores.image_dim, text_feat_dim=stores.text_dim))
+    with pytest.raises(ValueError, match="baseline_seeds"):
+        PretrainMonitor(stores, train_rows, test_rows, model, "cosine", 64, range(1, 3), None, baseline_seeds=0)
+    monitor = PretrainMonitor(stores, train_rows, test_rows, model, "cosine", 64, range(1, 3), None, seed=5,
+                              baseline_seeds=3)
+    twins = [monitor.probe(monitor.encode(random_init_like(model, 5 + k))) for k in range(3)]
+    assert monitor.random_probes == twins
+    assert len({json.dumps(t, sort_keys=True) for t in twins}) > 1                # the seeds give different nets
+    record = monitor.record(model)
+    for key in ("knn", "svm", "svm_std"):
+        values = [t[key] for t in twins]
+        assert record[f"probe_{key}_random_init"] == pytest.approx(np.mean(values))
+        assert record[f"probe_{key}_random_init_std"] == pytest.approx(np.std(values))
+    final = monitor.final(model)
+    assert final["probe"]["random_init_seeds"] == {"5": twins[0], "6": twins[1], "7": twins[2]}
+    assert final["probe"]["random_init"]["knn"] == twins[0]["knn"]            # by-part detail: the first twin
 
 
 def write_demo_like_cache(cache: Path, n_per_class: int = 10, n_points: int = 256, image_dim: int = 64,
