@@ -55,6 +55,7 @@ class ReConConfig:
     targets: tuple[str, ...] = ("rec", "img", "text")   # subset of TARGETS
     loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"img": 0.5}; default 1
     proj_norm: str = "none"          # none (the reference) | batch: BatchNorm (no affine) before img/text_proj
+    embed_masked: bool = True        # the reference embeds every group; False: only the visible ones (pretraining)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -325,6 +326,7 @@ class ReConEncoder(nn.Module):
         C = cfg.trans_dim
         self.patch_embed = MiniPointNet(C)
         self.pos_embed = PositionalMLP(C)
+        self.embed_masked = cfg.embed_masked
         for name in self.QUERY_NAMES:
             setattr(self, f"{name}_token", nn.Parameter(torch.zeros(1, 1, C)))
             setattr(self, f"{name}_pos", nn.Parameter(torch.zeros(1, 1, C)))
@@ -344,14 +346,23 @@ class ReConEncoder(nn.Module):
         """Encode groups; only the groups listed in ``visible`` [B,V] (ascending, see
         :func:`split_groups`; None = all) enter the blocks.
 
-        Returns ``group_tokens`` [B,G,C] (all groups), ``patch_pos`` [B,V,C],
-        ``block_outputs`` (list of [B,3+V,C]) and ``tokens`` = final LN output [B,3+V,C].
+        Returns ``group_tokens`` [B,G,C] (all groups; [B,V,C] when ``embed_masked`` is off),
+        ``patch_pos`` [B,V,C], ``block_outputs`` (list of [B,3+V,C]) and ``tokens`` = final LN
+        output [B,3+V,C].
         """
-        group_tokens = self.patch_embed(neighborhood)
+        # The mini-PointNet is most of a small student's FLOPs, and a masked group's embedding is
+        # never used. The reference embeds them anyway (its BatchNorm statistics see every group);
+        # embed_masked=False embeds the visible ones only: same weights, same outputs in eval
+        # mode, batch statistics from the visible 40 % in training.
+        if visible is not None and not self.embed_masked:
+            group_tokens = self.patch_embed(take_rows(neighborhood, visible))
+            x, c = group_tokens, take_rows(center, visible)
+        else:
+            group_tokens = self.patch_embed(neighborhood)
+            x, c = group_tokens, center
+            if visible is not None:
+                x, c = take_rows(group_tokens, visible), take_rows(center, visible)
         B = group_tokens.shape[0]
-        x, c = group_tokens, center
-        if visible is not None:
-            x, c = take_rows(group_tokens, visible), take_rows(center, visible)
         patch_pos = self.pos_embed(c)
         q_tok, q_pos = self.queries(B)
         x = torch.cat([q_tok, x], dim=1)
@@ -490,8 +501,8 @@ class ReConPretrain(nn.Module):
         - ``img_proj`` [B,Di], ``text_proj`` [B,Dt]: projected IMG / TXT queries
         - ``rebuild_points``, ``gt_points``: [B*M,S,3] (None when reconstruction is off)
         - ``center`` [B,G,3], ``neighborhood`` [B,G,S,3], ``mask`` [B,G]
-        - intermediates: ``group_tokens`` [B,G,C], ``vis_pos`` [B,V,C], ``block_outputs``
-          (list of [B,3+V,C]), ``dec_pos_vis``, ``dec_pos_mask``, ``decoder_out`` [B,M,C]
+        - intermediates: ``group_tokens`` [B,G,C] ([B,V,C] with ``embed_masked`` off), ``vis_pos``
+          [B,V,C], ``block_outputs`` (list of [B,3+V,C]), ``dec_pos_vis``, ``dec_pos_mask``, ``decoder_out`` [B,M,C]
         """
         cfg = self.cfg
         neighborhood, center = group_points(points, cfg.num_group, cfg.group_size)

@@ -199,14 +199,17 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, key, title in zip(axes, ("probe_knn", "probe_svm_std"), ("k-NN (k=5)", "linear SVM, standardised")):
-        baseline = None
+        baselines = []   # every arm's monitor has its own random-init twins: (mean, std) over their seeds
         for arm, r in summary["arms"].items():
             rows = [h for h in r["history"] if key in h]
             if rows:
                 ax.plot([h["epoch"] + 1 for h in rows], [h[key] for h in rows], marker="o", label=LABELS.get(arm, arm))
-                baseline = rows[0].get(f"{key}_random_init", baseline)
-        if baseline is not None:
-            ax.axhline(baseline, color="grey", linestyle="--", label="random init")
+                if f"{key}_random_init" in rows[0]:
+                    baselines.append((rows[0][f"{key}_random_init"], rows[0].get(f"{key}_random_init_std", 0.0)))
+        if baselines:
+            means = [m for m, _ in baselines]
+            ax.axhspan(min(m - s for m, s in baselines), max(m + s for m, s in baselines), color="grey", alpha=0.2)
+            ax.axhline(float(np.mean(means)), color="grey", linestyle="--", label="random init (mean, band ± std)")
         ax.set_title(f"held-out {title}")
         ax.set_xlabel("pretraining epoch")
         ax.set_ylabel("accuracy (%)")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recon import losses as L
-from recon.model import ReConClassifier, ReConConfig, ReConPretrain
+from recon.model import ReConClassifier, ReConConfig, ReConPretrain, split_groups
 
 
 def small_cfg(**kw) -> ReConConfig:
@@ -120,6 +120,37 @@ def test_random_mask_counts_and_differs_per_sample():
     assert not torch.equal(out["mask"][0], out["mask"][1])
     assert out["rebuild_points"].shape == out["gt_points"].shape == (3 * 38, 8, 3)
     assert out["tokens"].shape == (3, 3 + 26, 32)
+
+
+def test_embedding_visible_groups_only_changes_nothing_but_batch_statistics():
+    """embed_masked=False skips the masked groups' mini-PointNet: in eval mode every output and
+    loss equals the reference path's; in training the masked groups' points no longer reach the
+    encoder (its tokens ignore them), while reconstruction still targets them."""
+    torch.manual_seed(0)
+    ref = ReConPretrain(small_cfg())
+    fast = ReConPretrain(small_cfg(embed_masked=False))
+    fast.load_state_dict(ref.state_dict())
+    pts, img, txt = unit_clouds(2, 256), torch.randn(2, 24), torch.randn(2, 20)
+    mask = ref.random_mask(2, "cpu")
+    with torch.no_grad():
+        a, b = ref.eval()(pts, img, txt, mask=mask), fast.eval()(pts, img, txt, mask=mask)
+    for k in ("tokens", "img_proj", "text_proj", "rebuild_points", "loss_rec", "loss_img", "loss_text"):
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert a["group_tokens"].shape == (2, 16, 32) and b["group_tokens"].shape == (2, 7, 32)
+
+    # training: perturb the masked groups' points; only the reference path's encoder sees them
+    visible, masked = split_groups(mask, ref.cfg.num_mask)
+    hood = a["neighborhood"]
+    noisy = hood.clone()
+    for i in range(2):
+        noisy[i, masked[i]] += 0.1 * torch.randn_like(noisy[i, masked[i]])
+    for model, should_change in ((fast, False), (ref, True)):
+        model.train()
+        torch.manual_seed(1)   # the same drop-path draws
+        x = model.encoder(hood, a["center"], visible)["tokens"]
+        torch.manual_seed(1)
+        y = model.encoder(noisy, a["center"], visible)["tokens"]
+        assert (not torch.allclose(x, y, atol=1e-6)) == should_change
 
 
 def test_unequal_mask_rejected():
