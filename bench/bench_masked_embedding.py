@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.model import ReConConfig, ReConPretrain
-from recon.optim import adamw
+from bench_pretrain import student_step  # noqa: E402  (this folder: the timed eager step)
+from recon.model import ReConConfig, ReConPretrain  # noqa: E402
+from recon.optim import adamw  # noqa: E402
 
 
 def main() -> None:
@@ -46,21 +46,11 @@ def main() -> None:
         model = ReConPretrain(cfg).to(device).train()
         optimizer = adamw(model, 0.05, 1e-4)
 
-        def step() -> None:
-            model(points, img, txt)["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         for _ in range(3):   # warm-up: allocator, kernels
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.steps * 1e3
+            student_step(model, optimizer, points, img, txt, device, bf16=False)
+        seconds = [sum(student_step(model, optimizer, points, img, txt, device, bf16=False).values())
+                   for _ in range(args.steps)]
+        return sum(seconds) / args.steps * 1e3
 
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):
