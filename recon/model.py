@@ -352,16 +352,14 @@ class ReConEncoder(nn.Module):
         """
         # The mini-PointNet is most of a small student's FLOPs, and a masked group's embedding is
         # never used. The reference embeds them anyway (its BatchNorm statistics see every group);
-        # embed_masked=False embeds the visible ones only: same weights, same outputs in eval
-        # mode, batch statistics from the visible 40 % in training.
+        # embed_masked=False makes the visible groups the only groups before embedding: same
+        # weights, same outputs in eval mode, batch statistics from the visible 40 % in training.
         if visible is not None and not self.embed_masked:
-            group_tokens = self.patch_embed(take_rows(neighborhood, visible))
-            x, c = group_tokens, take_rows(center, visible)
-        else:
-            group_tokens = self.patch_embed(neighborhood)
-            x, c = group_tokens, center
-            if visible is not None:
-                x, c = take_rows(group_tokens, visible), take_rows(center, visible)
+            neighborhood, center, visible = take_rows(neighborhood, visible), take_rows(center, visible), None
+        group_tokens = self.patch_embed(neighborhood)
+        x, c = group_tokens, center
+        if visible is not None:
+            x, c = take_rows(group_tokens, visible), take_rows(center, visible)
         B = group_tokens.shape[0]
         patch_pos = self.pos_embed(c)
         q_tok, q_pos = self.queries(B)
