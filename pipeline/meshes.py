@@ -39,8 +39,12 @@ class MeshError(Exception):
     def __init__(self, kind: str, message: str, path: str | os.PathLike | None = None) -> None:
         self.kind = kind
         self.path = None if path is None else str(path)
+        self.detail = message
         prefix = f"{Path(path).name}: " if path is not None else ""
         super().__init__(f"{prefix}[{kind}] {message}")
+
+    def __reduce__(self):  # raised in the render process, re-raised in the caller's
+        return (MeshError, (self.kind, self.detail, self.path))
 
 
 class MissingAssetWarning(UserWarning):

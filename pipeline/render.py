@@ -8,15 +8,27 @@ the -Z axis), positive azimuth moving the camera towards +X and positive elevati
 moving it up. The default view is a front three-quarter view from above,
 ``(30, 20)``, in which chairs, tables, cars and airplanes read clearly.
 
-The pyrender `OffscreenRenderer` is created lazily once per process and resolution and
-reused (process-pool workers call `render_views` many times); `close_renderer()` frees it.
-Pools may fork even after the parent has rendered: an at-fork hook releases the parent's
-GL context first (a Mesa context does not survive fork), spawn/forkserver pools need nothing.
+Rendering never happens in the caller's process. Mesa's llvmpipe loads its own libLLVM into
+the process that makes a GL context; triton (which `torch._dynamo` imports, and every torch
+optimizer imports `torch._dynamo`) carries another LLVM, and loading it after Mesa's
+segfaults. So `render_views` / `render_scene` hand the work to one spawned render process
+(started on first use, reused, stopped by `close_renderer()` or at exit), and a Python
+process, a notebook kernel included, can render and then train. Process pools that exist only
+to render call `render_in_this_process()` in their initializer and render in place, and so do
+daemonic pool workers (which may not start processes).
+
+Where rendering happens, the pyrender `OffscreenRenderer` is created lazily once per process
+and resolution and reused. Such a process may still fork: an at-fork hook releases its GL
+context first (a Mesa context does not survive fork).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -31,7 +43,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from pipeline.meshes import MeshError, load_scene, scene_to_mesh  # noqa: E402
 
-__all__ = ["RenderConfig", "render_views", "render_scene", "close_renderer", "contact_sheet", "camera_pose", "MeshError"]
+__all__ = ["RenderConfig", "render_views", "render_scene", "close_renderer", "render_in_this_process",
+           "contact_sheet", "camera_pose", "MeshError"]
 
 
 @dataclass
@@ -75,6 +88,52 @@ class RenderConfig:
 
 _RENDERERS: dict[int, object] = {}
 _OWNER_PID = os.getpid()
+_RENDER_HERE = False                       # True only in processes that exist to render
+_RENDER_PROCESS: ProcessPoolExecutor | None = None
+_RENDER_PROCESS_PID = -1                   # the pid that started _RENDER_PROCESS (reset after fork)
+
+
+def render_in_this_process() -> None:
+    """Render in this process from now on (the initializer of rendering-only workers)."""
+    global _RENDER_HERE
+    _RENDER_HERE = True
+
+
+def _renders_here() -> bool:
+    """Whether this process renders itself: a rendering-only process, or a daemonic pool worker
+    (which may not start a process of its own)."""
+    return _RENDER_HERE or multiprocessing.current_process().daemon
+
+
+def _render_process() -> ProcessPoolExecutor:
+    """The spawned process that does this process's rendering, started on first use."""
+    global _RENDER_PROCESS, _RENDER_PROCESS_PID
+    if _RENDER_PROCESS is None or _RENDER_PROCESS_PID != os.getpid():
+        _RENDER_PROCESS = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=render_in_this_process)
+        _RENDER_PROCESS_PID = os.getpid()
+    return _RENDER_PROCESS
+
+
+def _in_render_process(fn, *args):
+    """``fn(*args)`` in the render process: its result, its exception, its warnings re-issued here."""
+    global _RENDER_PROCESS
+    try:
+        result, caught = _render_process().submit(_with_warnings, fn, *args).result()
+    except BrokenProcessPool as err:
+        _RENDER_PROCESS = None   # the next call starts a fresh one
+        raise RuntimeError(f"the render process died while rendering {args[0]!r} "
+                           "(a crash in the GL driver?); the next call starts a new one") from err
+    for category, message in caught:
+        warnings.warn(message, category, stacklevel=3)
+    return result
+
+
+def _with_warnings(fn, *args):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args)
+    return result, [(w.category, str(w.message)) for w in caught]
 
 
 def _renderer(resolution: int):
@@ -96,6 +155,15 @@ def _renderer(resolution: int):
 
 
 def close_renderer() -> None:
+    """Free every renderer: this process's OffscreenRenderers and its render process."""
+    global _RENDER_PROCESS
+    if _RENDER_PROCESS is not None and _RENDER_PROCESS_PID == os.getpid():
+        _RENDER_PROCESS.shutdown()
+    _RENDER_PROCESS = None
+    _close_local_renderers()
+
+
+def _close_local_renderers() -> None:
     """Delete every cached OffscreenRenderer of this process."""
     while _RENDERERS:
         _, renderer = _RENDERERS.popitem()
@@ -112,7 +180,7 @@ def close_renderer() -> None:
 # the first render deadlocks), so free the parent's renderers before any fork; they are
 # recreated lazily on the next call. Spawned workers are unaffected.
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=close_renderer)
+    os.register_at_fork(before=_close_local_renderers)
 
 
 def camera_pose(azimuth_deg: float, elevation_deg: float, distance: float) -> np.ndarray:
@@ -171,7 +239,9 @@ def _build_scene(scene: trimesh.Scene, cfg: RenderConfig):
 
 
 def render_scene(scene: trimesh.Scene, cfg: RenderConfig | None = None) -> np.ndarray:
-    """Render an already loaded (validated) scene: uint8 RGB [V, H, W, 3]."""
+    """Render an already loaded (validated) scene: uint8 RGB [V, H, W, 3] (in the render process)."""
+    if not _renders_here():
+        return _in_render_process(render_scene, scene, cfg)
     import pyrender
 
     cfg = cfg or RenderConfig()
@@ -199,7 +269,10 @@ def render_scene(scene: trimesh.Scene, cfg: RenderConfig | None = None) -> np.nd
 
 
 def render_views(path: str | os.PathLike, cfg: RenderConfig | None = None) -> np.ndarray:
-    """Load a mesh file (raises MeshError for bad meshes) and render every view of `cfg`."""
+    """Load a mesh file (raises MeshError for bad meshes) and render every view of `cfg` (in the
+    render process)."""
+    if not _renders_here():
+        return _in_render_process(render_views, path, cfg)
     return render_scene(load_scene(path), cfg)
 
 

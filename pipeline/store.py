@@ -32,12 +32,14 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import zarr
+from zarr.errors import ZarrUserWarning
 
 from pipeline import layout
 
@@ -117,6 +119,17 @@ def relative_to_store(path: str | Path, store_path: str | Path) -> str:
 
 def _read_ids(group: zarr.Group) -> np.ndarray:
     return np.asarray([str(i) for i in group["ids"][:]])
+
+
+def array_names(group: zarr.Group) -> list[str]:
+    """The arrays of a group. The failure logs live inside the store folder so that they move with
+    it when it is finalised; zarr lists every object of the folder and warns that a file is "not
+    recognized as a component of a Zarr hierarchy". Those files are ours: only that warning, only
+    for them, is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at (.*/)?failures(\.rank\d+)?\.jsonl(\.tmp)? is not recognized",
+                                category=ZarrUserWarning)
+        return list(group.array_keys())
 
 
 def _failure_logs(store_dir: Path) -> list[Path]:
@@ -408,7 +421,7 @@ class Store:
         return self.attrs.get("provenance", {})
 
     def data_arrays(self) -> list[str]:
-        return sorted(k for k in self.group.array_keys() if k not in RESERVED)
+        return sorted(k for k in array_names(self.group) if k not in RESERVED)
 
     @property
     def rows_are_categories(self) -> bool:

@@ -144,18 +144,20 @@ def _guarded(fn: Callable[[Any], Any], indexed_item: tuple[int, Any]) -> Outcome
 
 
 def map_guarded(fn: Callable[[Any], Any], items: Iterable[tuple[int, Any]],
-                workers: int, in_flight: int = 4) -> Iterator[Outcome]:
+                workers: int, in_flight: int = 4,
+                worker_init: Callable[[], None] | None = None) -> Iterator[Outcome]:
     """Apply ``fn`` to each (index, item), in order, in a pool of ``workers`` processes (or
-    in-process when 1). Exceptions become failed Outcomes. At most ``in_flight`` items per
-    worker are submitted ahead of the consumer, so memory stays bounded whatever the number of
-    items (``Executor.map`` would submit them all at once and hold every finished result)."""
+    in-process when 1), each started with ``worker_init()``. Exceptions become failed Outcomes.
+    At most ``in_flight`` items per worker are submitted ahead of the consumer, so memory stays
+    bounded whatever the number of items (``Executor.map`` would submit them all at once and
+    hold every finished result)."""
     work = partial(_guarded, fn)
     if workers <= 1:
         yield from map(work, items)
         return
     context = multiprocessing.get_context("spawn")  # no forked GL/torch state in workers
     items = iter(items)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker_init) as pool:
         window = deque(pool.submit(work, item) for item in islice(items, workers * in_flight))
         while window:
             outcome = window.popleft().result()

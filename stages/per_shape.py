@@ -20,13 +20,15 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
                   arrays: dict[str, ArraySpec], store_params: dict, provenance: dict,
                   fn: Callable[[dict], dict[str, np.ndarray]], workers: int = 1,
                   limit: int | None = None, strict: bool = False,
-                  failures_dir: Path | None = None) -> bool:
+                  failures_dir: Path | None = None,
+                  worker_init: Callable[[], None] | None = None) -> bool:
     """Compute ``fn(row) -> {array: values}`` for every shape row into a store.
 
     Rows already done in a partial store are skipped; failed rows are recorded, marked not ok
     and written as zeros. ``limit`` processes at most that many pending rows and leaves the
     store partial (resumable). Under ``RANK``/``WORLD_SIZE`` this process does its shard's
-    chunks; whichever shard finishes last finalises. Returns True when the store is complete.
+    chunks; whichever shard finishes last finalises. ``worker_init`` starts each pool worker.
+    Returns True when the store is complete.
     """
     ids = table["id"].to_list()
     shard = Shard.from_env()
@@ -50,7 +52,7 @@ def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,
 
     with Timer() as timer, progress() as bar:
         task = bar.add_task(stage + (f" ({shard})" if shard.world > 1 else ""), total=len(todo))
-        outcomes = map_guarded(fn, ((r, rows[r]) for r in todo), workers)
+        outcomes = map_guarded(fn, ((r, rows[r]) for r in todo), workers, worker_init=worker_init)
         for block in blocks:
             data = {name: np.zeros((block.size, *spec.row_shape), dtype=spec.dtype)
                     for name, spec in arrays.items()}

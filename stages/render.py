@@ -53,9 +53,13 @@ def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) ->
                     if k not in ("workers", "limit", "strict", "preview_per_category")}
     arrays = {"images": ArraySpec((len(p.views), p.resolution, p.resolution, 3), "uint8", p.chunk_rows)}
     provenance = config.provenance()
+    # pool workers exist only to render, so they render in place (one process, not two, per worker)
+    from pipeline.render import render_in_this_process
+
     complete = run_per_shape("render", table, out, arrays, store_params, provenance,
                              partial(_render_row, config), p.workers, p.limit, p.strict,
-                             failures_dir=layout.CacheLayout(out.parent).failures)
+                             failures_dir=layout.CacheLayout(out.parent).failures,
+                             worker_init=render_in_this_process)
     if complete:
         write_preview(out, table, layout.CacheLayout(out.parent).renders_preview, p.preview_per_category)
     return out

@@ -250,13 +250,20 @@ def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
 
 
 def test_learns_separable_classes():
-    """Full fine-tuning from scratch separates three blob shapes; single pass and voting agree."""
-    train, test = synthetic(16, 3, seed=0), synthetic(8, 3, seed=1)
+    """Full fine-tuning from scratch separates three blob shapes; single pass and voting agree.
+
+    Judged on the eval-mode figures of 48 unseen shapes (chance 33 %). The running train accuracy
+    is taken under anisotropic scaling, dropout and drop-path, and swings 77-96 % from one epoch to
+    the next (its last value depends on the CPU's float summation order), so only its mean over the
+    last five epochs is checked. Measured on a 2-vCPU Xeon, data seed 0, model seeds 0-3, 1 and 2
+    threads: test 100 %, voted 97.9-100 %, last-five train mean 90.4-94.6 %."""
+    train, test = synthetic(16, 3, seed=0), synthetic(16, 3, seed=1)
     p = FT.FinetuneParams(**{**SMALL_RUN, "profile": "modelnet40", "epochs": 40, "warmup_epochs": 2, "lr": 5e-4,
                              "votes": 3})
     result = FT.finetune(p, train, test, seed=0, log=lambda *_: None)
-    assert result.history[-1]["train_acc"] >= 90
+    assert np.mean([h["train_acc"] for h in result.history[-5:]]) >= 80
     assert result.metrics["test_acc"] >= 90 and result.metrics["test_vote_acc"] >= 90
+    assert abs(result.metrics["test_acc"] - result.metrics["test_vote_acc"]) <= 5
 
 
 def test_ddp_two_cpu_processes(tmp_path):

@@ -54,11 +54,56 @@ def test_deterministic(box_path: Path) -> None:
 
 
 def test_fork_pool_after_parent_rendered(box_path: Path) -> None:
-    ref = render_views(box_path, CFG)  # the parent holds a GL context before forking
-    with mp.get_context("fork").Pool(2) as pool:
+    ref = render_views(box_path, CFG)  # the parent has a render process before forking
+    with mp.get_context("fork").Pool(2) as pool:  # daemonic workers: they render in place
         images = pool.map_async(partial(render_views, cfg=CFG), [box_path] * 2).get(timeout=60)
     assert all(np.array_equal(im, ref) for im in images)
     assert np.array_equal(render_views(box_path, CFG), ref)
+
+
+def llvm_libraries(pid: int | str = "self") -> set[str]:
+    """The LLVM shared libraries mapped into a process (Mesa's llvmpipe brings one)."""
+    return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "LLVM" in line}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_rendering_keeps_gl_out_of_the_caller(box_path: Path) -> None:
+    """The caller's process never loads the GL driver's LLVM (triton's LLVM would crash beside it);
+    the render process does, and close_renderer() stops it."""
+    import pipeline.render as R
+
+    before = llvm_libraries()
+    render_views(box_path, CFG)
+    assert llvm_libraries() == before
+    (child,) = R._RENDER_PROCESS._processes.values()
+    assert any("libLLVM" in lib for lib in llvm_libraries(child.pid))   # llvmpipe, in the child
+    close_renderer()
+    assert R._RENDER_PROCESS is None and not child.is_alive()
+
+
+def test_a_rendering_process_may_fork(box_path: Path, tmp_path: Path) -> None:
+    """A process that renders in place (a pool worker) holds a GL context; forking it still works
+    (the at-fork hook frees the context). Run in a fresh interpreter: this one must stay GL-free."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = (
+        "import sys, multiprocessing as mp, numpy as np\n"
+        "from functools import partial\n"
+        "from pipeline.render import RenderConfig, render_in_this_process, render_views\n"
+        "render_in_this_process()\n"
+        "cfg = RenderConfig(resolution=64)\n"
+        "ref = render_views(sys.argv[1], cfg)\n"
+        "with mp.get_context('fork').Pool(2) as pool:\n"
+        "    images = pool.map_async(partial(render_views, cfg=cfg), [sys.argv[1]] * 2).get(timeout=60)\n"
+        "assert all(np.array_equal(im, ref) for im in images)\n"
+        "assert np.array_equal(render_views(sys.argv[1], cfg), ref)\n"
+        "print('forked ok', int((ref < 250).any(-1).sum()))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(box_path)], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("forked ok") and int(result.stdout.split()[-1]) > 200
 
 
 def test_face_colours(box_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,13 @@ def test_render_and_sample_record_failures(workdir):
         kinds = dict(zip(failures["id"], failures["error"]))
         assert kinds["broken-nan"] == "nan_vertices" and kinds["broken-flat"] == "zero_area"
     assert (cache / "renders_preview.png").stat().st_size > 1000
+    # the failure logs inside the stores are ours: inspecting them raises no warning (zarr's included)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("renders.zarr", "points.zarr"):
+            result = invoke("inspect", str(cache / name))
+            assert result.exit_code == 0 and "broken-nan" in result.output, result.output
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
     # --strict turns recorded failures into a non-zero exit; the store stays valid
     assert invoke("sample", "--strict").exit_code == 1
 
