@@ -296,7 +296,7 @@ def convert_checkpoint(src: Path = typer.Argument(..., help="released reference 
                        dst: Path = typer.Argument(..., help="our model.pt"),
                        num_heads: Optional[int] = typer.Option(None, help="heads, if the width is not a standard variant")) -> None:
     """Convert a released ReCon pretraining checkpoint to our names (loaded with weights_only=True)."""
-    from recon.checkpoint import convert_reference_checkpoint
+    from recon.network.reference import convert_reference_checkpoint
     from stages.common import console
 
     config = _run(convert_reference_checkpoint, src, dst, num_heads)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon.export import check_onnx, export_onnx, onnx_session
-from recon.model import ReConClassifier, ReConConfig
+from recon.downstream.export import check_onnx, export_onnx, onnx_session
+from recon.network.model import ReConClassifier, ReConConfig
 
 
 def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""Loader-only throughput of pretraining: the trainer's own DataLoader (``recon.data.make_loader``)
+"""Loader-only throughput of pretraining: the trainer's own DataLoader (``recon.pretraining.data.make_loader``)
 over a ShapeNet-sized cache, by worker count, with no student.
 
     python bench/bench_loader.py                                  # 52,470 shapes × 8192 points
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.layout import CacheLayout  # noqa: E402
-from recon.data import EpochBatches, PretrainDataset, make_loader, open_pretrain_stores  # noqa: E402
+from recon.pretraining.data import EpochBatches, PretrainDataset, make_loader, open_pretrain_stores  # noqa: E402
 
 SHAPENET_SHAPES = 52_470
 SHAPENET_CATEGORIES = 55

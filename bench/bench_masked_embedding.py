@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_pretrain import student_step  # noqa: E402  (this folder: the timed eager step)
-from recon.model import ReConConfig, ReConPretrain  # noqa: E402
-from recon.optim import adamw  # noqa: E402
+
+from recon.network.model import ReConConfig, ReConPretrain  # noqa: E402
+from recon.runtime.optim import adamw  # noqa: E402
 
 
 def main() -> None:

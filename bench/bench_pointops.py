@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from recon import pointops as po
+from recon.network import pointops as po
 
 
 def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:

@@ -5,7 +5,7 @@
     cutout) and runs the image teacher on it, and the text teacher on one prompt per shape, as
     the reference does, then the same student step.
 With ``--real-data CACHE`` the online path is replaced by (c) real: the trainer's own loader
-(``recon.data.make_loader``: stores opened as ``recon pretrain`` opens them, ``--workers`` loader
+(``recon.pretraining.data.make_loader``: stores opened as ``recon pretrain`` opens them, ``--workers`` loader
 processes, pinned memory) feeding the same student, next to (a), the synthetic ceiling on
 device-resident random tensors; ``real / ceiling`` is what the input pipeline leaves of it.
 
@@ -41,10 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline.augment import augment_view  # noqa: E402
 from pipeline.prompts import templates  # noqa: E402
 from pipeline.teachers import load_teacher  # noqa: E402
-from recon.cudagraph import GraphedForwardBackward  # noqa: E402
-from recon.distributed import pick_device  # noqa: E402
-from recon.model import ReConConfig, ReConPretrain  # noqa: E402
-from recon.optim import adamw  # noqa: E402
+from recon.network.model import ReConConfig, ReConPretrain  # noqa: E402
+from recon.runtime.cudagraph import GraphedForwardBackward  # noqa: E402
+from recon.runtime.distributed import pick_device  # noqa: E402
+from recon.runtime.optim import adamw  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -137,7 +137,7 @@ def schedule(warmup: int, steps: int, rounds: int, other: str = "online") -> lis
 def real_batches(cache: Path, batch: int, workers: int, n_points: int, device: torch.device):
     """Batches from the trainer's own loader over a real cache, epoch after epoch (and the store
     dims): what `recon pretrain` feeds its student."""
-    from recon.data import EpochBatches, PretrainDataset, make_loader, open_pretrain_stores
+    from recon.pretraining.data import EpochBatches, PretrainDataset, make_loader, open_pretrain_stores
 
     stores = open_pretrain_stores(cache, log=print)
     dataset = PretrainDataset(stores, n_points, seed=0)
@@ -258,7 +258,7 @@ def bench(args) -> dict:
 
 MEMORY_PROBE = """
 import threading, time, psutil, torch
-from recon.model import ReConConfig, ReConPretrain
+from recon.network.model import ReConConfig, ReConPretrain
 torch.manual_seed(0)
 device = torch.device({device!r})
 model = ReConPretrain(ReConConfig.variant({variant!r})).to(device)

@@ -10,7 +10,7 @@ Most important first, each part in its own process with its own time limit (the 
 fits 8 minutes on an H100/H200 without COMPILE):
 1. a ShapeNet-sized cache (52,470 shapes × 8192 points, 10 image variants; bench_loader.py's
    generator), unless already there;
-2. `recon.pretrain.train` (what `recon pretrain` runs: stores opened, preloaded or memory-mapped,
+2. `recon.pretraining.trainer.train` (what `recon pretrain` runs: stores opened, preloaded or memory-mapped,
    the real DataLoader with the default `loader_workers: auto`, bf16, CUDA graph) for --steps
    optimiser steps; samples/s timed per step after --skip warm-up steps, peak GPU memory;
 3. `bench_pretrain.py --real-data`: the synthetic ceiling (device-resident random tensors) and
@@ -56,7 +56,7 @@ def train_part(args, out: Path, compile_student: bool) -> dict:
 
     import torch
 
-    from recon.pretrain import PretrainParams, train
+    from recon.pretraining.trainer import PretrainParams, train
 
     cuda = args.device == "cuda"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resume

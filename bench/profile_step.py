@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.cudagraph import GraphedForwardBackward
-from recon.model import ReConConfig, ReConPretrain
-from recon.optim import adamw
-from recon.pointops import group_points
+from recon.network.model import ReConConfig, ReConPretrain
+from recon.network.pointops import group_points
+from recon.runtime.cudagraph import GraphedForwardBackward
+from recon.runtime.optim import adamw
 
 
 def cuda_ms(fn, repeat: int) -> float:

@@ -39,8 +39,8 @@ CATEGORIES = 12
 PRETRAIN = """
 import sys, time, json
 from pathlib import Path
-from recon.pretrain import PretrainParams, train
-from recon.targets import compute_target_stats
+from recon.pretraining.trainer import PretrainParams, train
+from recon.pretraining.targets import compute_target_stats
 p = PretrainParams(variant="tiny", epochs=300, batch_size={batch}, warmup_epochs=10, device="cpu", max_steps={steps},
                    loader_workers={workers}, keep_last=1)
 r = train(p, Path("cache"), Path("cache/pretrain"), log=print)

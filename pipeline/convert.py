@@ -36,7 +36,6 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.store import ArraySpec, StoreWriter, open_store, read_failure_log, relative_to_store
-from recon.pointops import fps_indices
 
 FORMATS = ("modelnet40", "modelnet10", "pointbert-dat", "fewshot-pkl", "scanobjectnn", "points")
 SPLITS = ["train", "test"]
@@ -93,7 +92,13 @@ def load_pickle(path: str | Path, trust_pickle: bool = False):
 # ----------------------------------------------------------------------------- writing
 
 
-def _resample(clouds: list[np.ndarray], n_points: int, device) -> list[np.ndarray]:
+#: farthest-point sampling of a batch of clouds [N, P, >=3] -> indices [N, n]. Given by the caller
+#: (the stages pass ``recon.network.pointops.fps_indices``, the one FPS stores and fine-tuning
+#: share): the data layer does not import the learning side.
+FarthestPoints = Callable[[np.ndarray, int], np.ndarray]
+
+
+def _resample(clouds: list[np.ndarray], n_points: int, fps: FarthestPoints | None) -> list[np.ndarray]:
     """FPS every cloud with more than ``n_points`` points down to ``n_points`` (batched by size)."""
     out = list(clouds)
     by_size: dict[int, list[int]] = {}
@@ -102,7 +107,10 @@ def _resample(clouds: list[np.ndarray], n_points: int, device) -> list[np.ndarra
             by_size.setdefault(c.shape[0], []).append(i)
     for idx in by_size.values():
         batch = np.stack([clouds[i] for i in idx])
-        picks = fps_indices(batch, n_points, device)
+        if fps is None:
+            raise ValueError(f"clouds of {batch.shape[1]} points need farthest-point sampling to {n_points}: "
+                             "pass fps= (recon.network.pointops.fps_indices)")
+        picks = fps(batch, n_points)
         for i, pick in zip(idx, picks):
             out[i] = clouds[i][pick]
     return out
@@ -111,7 +119,7 @@ def _resample(clouds: list[np.ndarray], n_points: int, device) -> list[np.ndarra
 def write_classification_store(out: str | Path, samples: Sequence[Sample], class_names: list[str],
                                n_points: int, params: dict, provenance: dict | None = None,
                                normals: bool = False, chunk_rows: int = 16,
-                               splits: list[str] | None = None, device: str = "cpu",
+                               splits: list[str] | None = None, fps: FarthestPoints | None = None,
                                log=print) -> ConvertResult:
     """Write ``samples`` into a classification store (see module docstring); resumable."""
     out = Path(out)
@@ -163,7 +171,7 @@ def write_classification_store(out: str | Path, samples: Sequence[Sample], class
                 log(f"[yellow]convert: skipped {s.id}[/]: {message}")
                 writer.record_failure(s.id, stage, kind, message)
         slots = sorted(loaded)
-        for slot, cloud in zip(slots, _resample([loaded[k] for k in slots], n_points, device)):
+        for slot, cloud in zip(slots, _resample([loaded[k] for k in slots], n_points, fps)):
             data["points"][slot] = cloud[:, :3]
             if normals:
                 data["normals"][slot] = cloud[:, 3:6]
@@ -224,12 +232,12 @@ def modelnet_samples(root: Path, dataset: str = "modelnet40") -> tuple[list[Samp
 
 
 def convert_modelnet(root: str | Path, out: str | Path, n_points: int = 8192, normals: bool = False,
-                     dataset: str = "modelnet40", chunk_rows: int = 16, device: str = "cpu",
+                     dataset: str = "modelnet40", chunk_rows: int = 16, fps: FarthestPoints | None = None,
                      log=print) -> ConvertResult:
     samples, names, base = modelnet_samples(Path(root), dataset)
     return write_classification_store(out, samples, names, n_points, {"format": dataset}, {
         "source": str(base.resolve()), "sampling": f"farthest point sampling (start index 0) of the "
-        f"{dataset} text files to {n_points} points"}, normals, chunk_rows, device=device, log=log)
+        f"{dataset} text files to {n_points} points"}, normals, chunk_rows, fps=fps, log=log)
 
 
 # ----------------------------------------------------------------------------- Point-BERT pickles
@@ -268,12 +276,12 @@ def pointbert_dat_samples(root: Path, trust_pickle: bool = False) -> tuple[list[
 
 def convert_pointbert_dat(root: str | Path, out: str | Path, n_points: int | None = None,
                           normals: bool = False, trust_pickle: bool = False, chunk_rows: int = 16,
-                          device: str = "cpu", log=print) -> ConvertResult:
+                          fps: FarthestPoints | None = None, log=print) -> ConvertResult:
     samples, names = pointbert_dat_samples(Path(root), trust_pickle)
     n_points = n_points or _native_points(samples)
     return write_classification_store(out, samples, names, n_points, {"format": "pointbert-dat"},
                                       {"source": str(Path(root).resolve())}, normals, chunk_rows,
-                                      device=device, log=log)
+                                      fps=fps, log=log)
 
 
 FEWSHOT_DIR = re.compile(r"^(\d+)way_?(\d+)shot$")
@@ -327,7 +335,7 @@ def fewshot_samples(path: Path, trust_pickle: bool = False,
 
 def convert_fewshot(root: str | Path, out_dir: str | Path, n_points: int | None = None,
                     normals: bool = False, trust_pickle: bool = False,
-                    shape_names: str | Path | None = None, chunk_rows: int = 16, device: str = "cpu",
+                    shape_names: str | Path | None = None, chunk_rows: int = 16, fps: FarthestPoints | None = None,
                     log=print) -> list[ConvertResult]:
     """Every fold under ``root`` -> ``out_dir/{way}way{shot}shot/{fold}.zarr``."""
     if not trust_pickle:  # refuse before touching any file
@@ -340,7 +348,7 @@ def convert_fewshot(root: str | Path, out_dir: str | Path, n_points: int | None 
         results.append(write_classification_store(
             target, samples, class_names, n_points or _native_points(samples),
             {"format": "fewshot-pkl", "way": way, "shot": shot, "fold": fold},
-            {"source": str(path.resolve())}, normals, chunk_rows, device=device, log=log))
+            {"source": str(path.resolve())}, normals, chunk_rows, fps=fps, log=log))
     return results
 
 
@@ -377,14 +385,14 @@ def scanobjectnn_samples(root: Path, variant: str = "PB_T50_RS") -> list[Sample]
 
 
 def convert_scanobjectnn(root: str | Path, out: str | Path, variant: str = "PB_T50_RS",
-                         n_points: int | None = None, chunk_rows: int = 16, device: str = "cpu",
+                         n_points: int | None = None, chunk_rows: int = 16, fps: FarthestPoints | None = None,
                          log=print) -> ConvertResult:
     samples = scanobjectnn_samples(Path(root), variant)
     n_points = n_points or _native_points(samples)
     return write_classification_store(out, samples, SCANOBJECTNN_CLASSES, n_points,
                                       {"format": "scanobjectnn", "variant": variant},
                                       {"source": str(Path(root).resolve())}, False, chunk_rows,
-                                      device=device, log=log)
+                                      fps=fps, log=log)
 
 
 # ----------------------------------------------------------------------------- project points
@@ -417,14 +425,14 @@ def points_samples(cache: Path) -> tuple[list[Sample], list[str], list[str]]:
 
 
 def convert_points(cache: str | Path, out: str | Path, n_points: int | None = None,
-                   chunk_rows: int = 16, device: str = "cpu", log=print) -> ConvertResult:
+                   chunk_rows: int = 16, fps: FarthestPoints | None = None, log=print) -> ConvertResult:
     samples, names, splits = points_samples(Path(cache))
     store = open_store(layout.CacheLayout(cache).points)
     n_points = n_points or int(store["points"].shape[1])
     return write_classification_store(out, samples, names, n_points,
                                       {"format": "points", "points_store": store.params},
                                       {"source": relative_to_store(cache, out)}, False, chunk_rows,
-                                      splits=splits, device=device, log=log)
+                                      splits=splits, fps=fps, log=log)
 
 
 def _native_points(samples: Sequence[Sample]) -> int:

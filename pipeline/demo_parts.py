@@ -5,7 +5,7 @@ The demo generator (``pipeline/demo.py``) already writes every part as its own O
 from the files, so the demo meshes stay byte for byte what they were: each face gets the raw
 part name of its object, `DEMO_PARTS` groups raw names into a few semantic parts per category
 (as ShapeNetPart does: a chair has back, seat, leg, arm), surface samples carry the part of the
-face they lie on, and ``pipeline.partseg.write_partseg_store`` writes the store.
+face they lie on, and ``pipeline.partseg_store.write_partseg_store`` writes the store.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import trimesh
 from pipeline import layout
 from pipeline.convert import SPLITS, ConvertResult
 from pipeline.meshes import validate_mesh
-from pipeline.partseg import PartSample, write_partseg_store
+from pipeline.partseg_store import PartSample, write_partseg_store
 from pipeline.sampling import sample_surface_faces, shape_seed
 
 #: synset → {semantic part: raw part names the generator gives its objects}, in part order.

@@ -70,8 +70,9 @@ class _RecordingResolver(FilePathResolver):
 
 
 def _image_ok(data: bytes) -> bool:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -94,9 +94,23 @@ _RENDER_PROCESS_PID = -1                   # the pid that started _RENDER_PROCES
 
 
 def render_in_this_process() -> None:
-    """Render in this process from now on (the initializer of rendering-only workers)."""
+    """Render in this process from now on (the initializer of rendering-only workers). Such a
+    process exits when its parent dies, so a killed stage leaves no renderer behind (nor holds
+    its output pipes open)."""
     global _RENDER_HERE
     _RENDER_HERE = True
+    if multiprocessing.parent_process() is not None:
+        import threading
+
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    import time
+
+    while os.getppid() == parent:   # a dead parent's children are re-parented
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _renders_here() -> bool:

@@ -1,6 +1,6 @@
 """Stage `convert`: a public downstream dataset (or the project's own points) → a classification
 store (``pipeline/convert.py`` documents the layout), e.g. ``cache/downstream/demo.zarr``; or a
-part-segmentation store (``pipeline/partseg.py``) from ShapeNetPart (``shapenetpart``) or from the
+part-segmentation store (``pipeline/partseg_store.py``) from ShapeNetPart (``shapenetpart``) or from the
 demo meshes' parts (``demo-parts``, source: the cache folder).
 
 Unreadable rows (listed-but-missing files, too few points) are recorded in
@@ -11,11 +11,12 @@ and never stop the stage (unless ``strict``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from pipeline import layout
 from pipeline import convert as C
-from pipeline import partseg as PS
+from pipeline import layout
+from pipeline import partseg_store as PS
 from stages.common import (
     StageError,
     Timer,
@@ -52,7 +53,9 @@ def run(p: ConvertParams) -> list[C.ConvertResult]:
     if p.format not in C.FORMATS + PS.FORMATS:
         raise StageError(f"unknown format {p.format!r}; choose from {', '.join(C.FORMATS + PS.FORMATS)}")
     src, out, dev = Path(p.source), Path(p.out), _device(p.device)
-    common = dict(chunk_rows=p.chunk_rows, device=dev, log=console.print)
+    from recon.network.pointops import fps_indices
+
+    common = dict(chunk_rows=p.chunk_rows, fps=partial(fps_indices, device=dev), log=console.print)
     with Timer() as timer:
         if p.format in ("modelnet40", "modelnet10"):
             results = [C.convert_modelnet(src, out, p.points or 8192, p.normals, p.format, **common)]

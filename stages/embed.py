@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import layout
 from pipeline.store import ArraySpec, Shard, StoreWriter, open_store, partial_path, relative_to_store
-from recon.distributed import pick_device
+from recon.runtime.distributed import pick_device
 from stages.common import Timer, cache_dir, console, fault_injection, progress, read_shapes
 
 

@@ -16,22 +16,22 @@ from pathlib import Path
 import torch
 
 from pipeline import layout
-from recon import trainstate
-from recon.cls_data import load_classification
-from recon.distributed import pick_device
-from recon.evaluate import (
+from recon.downstream.cls_data import load_classification
+from recon.downstream.evaluate import (
     FewshotSettings,
     baseline_batchnorm,
     fewshot_eval,
     fewshot_from_folds,
     load_pretrained,
-    random_init_like,
     svm_eval,
     zeroshot_eval,
 )
-from recon.finetune import FinetuneParams
-from recon.metrics import write_confusion
-from recon.weights import InitSource, load_init
+from recon.downstream.metrics import write_confusion
+from recon.downstream.recipes import FinetuneParams
+from recon.downstream.weights import InitSource, load_init
+from recon.pretraining.probes import random_init_like
+from recon.runtime import trainstate
+from recon.runtime.distributed import pick_device
 from stages.common import StageError, cache_dir, console, load_params, metrics_dir, publish
 
 TASKS = ("svm", "zeroshot", "fewshot")

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from pipeline import layout
-from recon import trainstate
 import torch
 
-from recon.export import OPSET, check_onnx, check_partseg_onnx, export_onnx, export_partseg_onnx
-from recon.partseg_finetune import load_partseg_model
-from recon.weights import load_finetuned
+from pipeline import layout
+from recon.downstream.export import OPSET, check_onnx, check_partseg_onnx, export_onnx, export_partseg_onnx
+from recon.downstream.partseg_finetune import load_partseg_model
+from recon.downstream.weights import load_finetuned
+from recon.runtime import trainstate
 from stages.common import console, load_params, metrics_dir
 
 

@@ -1,5 +1,5 @@
 """Stage `finetune` (classification) and stage `partseg` (part segmentation): fine-tune the
-pretrained encoder on a downstream store, per seed, with the one loop of ``recon.finetune``.
+pretrained encoder on a downstream store, per seed, with the one loop of ``recon.downstream.finetune``.
 
 Outputs (``cache/finetune/`` or ``cache/partseg/``): ``seed-<s>/`` (checkpoints, history.csv,
 model.pt, metrics.json and the picture of each seed: confusion.csv/png, or parts.png) and, at the
@@ -16,14 +16,15 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline.store import open_store
-from recon import trainstate
-from recon.cls_data import load_classification
-from recon.distributed import setup, teardown
-from recon.finetune import FinetuneParams, finetune
-from recon.metrics import summarise_seeds
-from recon.partseg_data import load_partseg
-from recon.partseg_finetune import PICTURE, PartSegParams, finetune_partseg
-from recon.weights import load_init
+from recon.downstream.cls_data import load_classification
+from recon.downstream.finetune import finetune
+from recon.downstream.metrics import summarise_seeds
+from recon.downstream.partseg_data import load_partseg
+from recon.downstream.partseg_finetune import PICTURE, finetune_partseg
+from recon.downstream.recipes import FinetuneParams, PartSegParams
+from recon.downstream.weights import load_init
+from recon.runtime import trainstate
+from recon.runtime.distributed import setup, teardown
 from stages.common import LossBar, StageError, cache_dir, console, load_params, metrics_dir, publish
 
 #: task -> (params.yaml section = stage name = output folder, params class)

@@ -12,8 +12,7 @@ import polars as pl
 
 from pipeline import layout
 from pipeline.store import ArraySpec, Shard, StoreWriter, open_store, partial_path, read_failure_log
-from stages.common import (Timer, cache_dir, console, fault_injection, map_guarded, progress,
-                           summarise, write_failures)
+from stages.common import Timer, cache_dir, console, fault_injection, map_guarded, progress, summarise, write_failures
 
 
 def run_per_shape(stage: str, table: pl.DataFrame, store_path: Path,

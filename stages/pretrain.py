@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from pipeline import layout
-from recon import trainstate
-from recon.pretrain import PretrainParams, train
+from recon.pretraining.trainer import PretrainParams, train
+from recon.runtime import trainstate
 from stages.common import LossBar, cache_dir, console, load_params, metrics_dir
 
 

@@ -10,8 +10,8 @@ import torch
 
 from pipeline import layout
 from pipeline.store import open_store
-from recon.data import fixed_subset
-from recon.evaluate import load_pretrained
+from recon.downstream.evaluate import load_pretrained
+from recon.pretraining.data import fixed_subset
 from stages.common import cache_dir, console
 
 

@@ -1,5 +1,5 @@
 """Stage `study` (not part of `dvc repro`: it takes tens of minutes): the ablation study of
-recon/study.py on the demo cache, evaluated on the held-out splits of the demo's downstream store
+recon/downstream/study.py on the demo cache, evaluated on the held-out splits of the demo's downstream store
 and of ModelNet40 files when given (``modelnet40_root``, converted once into the study folder).
 
 Every arm pretrains with the ``pretrain`` section of params.yaml (the demo's budget) plus
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import layout
-from recon.pretrain import PretrainParams
-from recon.study import StudyParams, run_study
+from recon.downstream.study import StudyParams, run_study
+from recon.pretraining.trainer import PretrainParams
 from stages.common import StageError, cache_dir, console, load_params
 
 #: a smoke run: a few steps of a small student, one fine-tune epoch, one few-shot fold
@@ -67,8 +67,9 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
             if not Path(p.modelnet40_root).is_dir():
                 raise StageError(f"modelnet40_root {p.modelnet40_root} is not a folder")
             from pipeline.convert import convert_modelnet
+            from recon.network.pointops import fps_indices
             store = out / f"modelnet40-{p.modelnet40_points}.zarr"
-            convert_modelnet(p.modelnet40_root, store, p.modelnet40_points, log=console.print)
+            convert_modelnet(p.modelnet40_root, store, p.modelnet40_points, fps=fps_indices, log=console.print)
             stores["modelnet40"] = str(store)
     summary = run_study(study_params(p, stores), cache, out, log=console.print)
     console.print(f"[green]study: done → {out / 'table.md'}, {out / 'probe_vs_epochs.png'}[/]")

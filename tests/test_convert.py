@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 from conftest import shared_dir
 from pipeline import convert as C
 from pipeline.store import ArraySpec, StoreWriter, open_store, read_failure_log
-from recon.pointops import farthest_point_sample
-
+from recon.network.pointops import farthest_point_sample, fps_indices
 
 
 def cloud(rng: np.random.Generator, n: int, normals: bool = True) -> np.ndarray:
@@ -55,7 +54,7 @@ def test_modelnet_text_layout_with_a_missing_file(tmp_path):
     root = tmp_path / "modelnet40_normal_resampled"
     classes, lists = write_modelnet(root)
     with pytest.warns(UserWarning, match="chair_0003"):
-        result = C.convert_modelnet(tmp_path, tmp_path / "mn.zarr", n_points=32, normals=True, log=lambda *_: None)
+        result = C.convert_modelnet(tmp_path, tmp_path / "mn.zarr", n_points=32, normals=True, log=lambda *_: None, fps=fps_indices)
     assert (result.rows, result.failed) == (9, 1)
     assert result.failures[0]["id"] == "chair_0003" and result.failures[0]["error"] == "missing_file"
     store = open_store(tmp_path / "mn.zarr")
@@ -71,14 +70,14 @@ def test_modelnet_text_layout_with_a_missing_file(tmp_path):
     np.testing.assert_array_equal(store["points"][0], raw[pick, :3])   # FPS subset, normals aligned
     np.testing.assert_array_equal(store["normals"][0], raw[pick, 3:])
     with pytest.warns(UserWarning, match="1 shapes listed in the split files are missing"):
-        again = C.convert_modelnet(tmp_path, tmp_path / "mn.zarr", n_points=32, normals=True, log=lambda *_: None)
+        again = C.convert_modelnet(tmp_path, tmp_path / "mn.zarr", n_points=32, normals=True, log=lambda *_: None, fps=fps_indices)
     assert again.failed == 1 and again.failures[0]["id"] == "chair_0003"   # up to date, still reported
 
 
 def test_modelnet10_layout(tmp_path):
     write_modelnet(tmp_path, "modelnet10", missing=None)
     result = C.convert_modelnet(tmp_path, tmp_path / "mn10.zarr", n_points=16, dataset="modelnet10",
-                                log=lambda *_: None)
+                                log=lambda *_: None, fps=fps_indices)
     store = open_store(result.path)
     assert result.failed == 0 and store.params["format"] == "modelnet10" and "normals" not in store.data_arrays()
 
@@ -92,10 +91,10 @@ def test_pointbert_dat_needs_trust_pickle(tmp_path):
             pickle.dump([points, labels], f)
     (tmp_path / "modelnet40_train.txt").write_text("\n".join(f"a_{i:04d}" for i in range(4)) + "\n")
     with pytest.raises(C.PickleRefused, match="--trust-pickle") as err:
-        C.convert_pointbert_dat(tmp_path, tmp_path / "dat.zarr")
+        C.convert_pointbert_dat(tmp_path, tmp_path / "dat.zarr", fps=fps_indices)
     assert "arbitrary code" in str(err.value)
     assert not (tmp_path / "dat.zarr").exists()
-    result = C.convert_pointbert_dat(tmp_path, tmp_path / "dat.zarr", trust_pickle=True, log=lambda *_: None)
+    result = C.convert_pointbert_dat(tmp_path, tmp_path / "dat.zarr", trust_pickle=True, log=lambda *_: None, fps=fps_indices)
     store = open_store(result.path)
     assert store.ids.tolist() == [f"a_{i:04d}" for i in range(4)] + ["test-00000", "test-00001"]
     assert store["points"].shape == (6, 40, 3)                                # native count kept
@@ -114,9 +113,9 @@ def test_fewshot_pkl_needs_trust_pickle(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"name{i}" for i in range(40)) + "\n")
     with pytest.raises(C.PickleRefused, match="--trust-pickle"):
-        C.convert_fewshot(tmp_path / "src", tmp_path / "out")
+        C.convert_fewshot(tmp_path / "src", tmp_path / "out", fps=fps_indices)
     results = C.convert_fewshot(tmp_path / "src", tmp_path / "out", n_points=16, normals=True, trust_pickle=True,
-                                shape_names=names, log=lambda *_: None)
+                                shape_names=names, log=lambda *_: None, fps=fps_indices)
     assert sorted(str(r.path.relative_to(tmp_path / "out")) for r in results) == [
         "10way20shot/0.zarr", "5way10shot/0.zarr", "5way10shot/1.zarr"]
     store = open_store(tmp_path / "out" / "5way10shot" / "1.zarr")
@@ -137,8 +136,8 @@ def test_scanobjectnn_h5_variants(tmp_path):
             f["label"] = np.arange(n, dtype=np.int64) % 15
             f["mask"] = np.zeros((n, 64), dtype=np.int64)
     with pytest.raises(FileNotFoundError, match="training_objectdataset_augmentedrot_scale75.h5"):
-        C.convert_scanobjectnn(tmp_path, tmp_path / "x.zarr", "PB_T50_RS")
-    result = C.convert_scanobjectnn(tmp_path, tmp_path / "so.zarr", "OBJ_ONLY", log=lambda *_: None)
+        C.convert_scanobjectnn(tmp_path, tmp_path / "x.zarr", "PB_T50_RS", fps=fps_indices)
+    result = C.convert_scanobjectnn(tmp_path, tmp_path / "so.zarr", "OBJ_ONLY", log=lambda *_: None, fps=fps_indices)
     store = open_store(result.path)
     assert store.params["variant"] == "OBJ_ONLY" and store.params["class_names"][14] == "toilet"
     assert store["points"].shape == (8, 64, 3) and store["label"][:].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
@@ -165,7 +164,7 @@ def make_points_cache(cache, n_points: int = 64):
 def test_points_format(tmp_path):
     ids, ok = make_points_cache(tmp_path / "cache")
     with pytest.warns(UserWarning, match="s2: this shape failed an earlier stage"):
-        result = C.convert_points(tmp_path / "cache", tmp_path / "d.zarr", n_points=32, log=lambda *_: None)
+        result = C.convert_points(tmp_path / "cache", tmp_path / "d.zarr", n_points=32, log=lambda *_: None, fps=fps_indices)
     store = open_store(result.path)
     assert result.failed == 1 and store.ok.tolist() == ok.tolist() and store.ids.tolist() == ids
     assert store.params["class_names"] == ["chair", "mug"] and store.params["splits"] == ["train", "test"]
@@ -200,7 +199,7 @@ def test_real_modelnet40_sample(tmp_path):
     root = shared_dir() / "data" / "modelnet40_sample"
     if not root.is_dir():
         pytest.skip(f"real ModelNet40 sample not present at {root}")
-    result = C.convert_modelnet(root, tmp_path / "mn40.zarr", n_points=64, log=lambda *_: None)
+    result = C.convert_modelnet(root, tmp_path / "mn40.zarr", n_points=64, log=lambda *_: None, fps=fps_indices)
     store = open_store(result.path)
     assert (result.rows, result.failed) == (72, 0) and store.ok.all()
     assert len(store.params["class_names"]) == 40 and "door" in store.params["class_names"]

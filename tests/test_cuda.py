@@ -1,6 +1,6 @@
 """The same model on a CUDA device: reference vectors, point ops equal to the CPU's, a bf16
 autocast training step that keeps the stop-gradient, and forward + backward replayed as a CUDA
-graph (recon.cudagraph, `recon pretrain --cuda-graph [--compile]`) training as eager steps do.
+graph (recon.runtime.cudagraph, `recon pretrain --cuda-graph [--compile]`) training as eager steps do.
 Skipped where no GPU is present (CI); `bench/gpu_check.sh` runs this file on a lent GPU machine."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import copy
 
 import pytest
 import torch
-
-from recon import pointops as po
-from recon.model import ReConClassifier, ReConPretrain
-from recon.checkpoint import reference_to_ours
-from recon.cudagraph import GraphedForwardBackward
-from recon.optim import adamw
 from test_gradients import is_patch_side, is_query_side, nonzero, small_cfg
 from test_model_reference import ATOL, load_vector, state_of, tiny_cfg
+
+from recon.network import pointops as po
+from recon.network.model import ReConClassifier, ReConPretrain
+from recon.network.reference import reference_to_ours
+from recon.runtime.cudagraph import GraphedForwardBackward
+from recon.runtime.optim import adamw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -118,7 +118,7 @@ def batches(n: int, batch: int = 4) -> list[tuple[torch.Tensor, ...]]:
 
 
 def test_graphed_forward_backward_equals_eager_with_accumulation():
-    """recon.cudagraph: each replay gives the eager loss, adds the eager gradients to fixed buffers
+    """recon.runtime.cudagraph: each replay gives the eager loss, adds the eager gradients to fixed buffers
     (2 micro-batches per step), leaves unreached parameters' grads None, and the fused AdamW steps
     taken from them move weights and batch-norm statistics exactly as eager training does."""
     torch.manual_seed(0)
@@ -169,9 +169,10 @@ def test_pretrain_with_cuda_graph_follows_eager_training_and_resumes(tmp_path):
     and a run killed after 3 steps resumes to the same end."""
     pytest.importorskip("polars")
     pytest.importorskip("zarr")
-    from conftest import write_synthetic_cache
-    from recon.pretrain import train
     from test_pretrain import tiny_params
+
+    from conftest import write_synthetic_cache
+    from recon.pretraining.trainer import train
 
     cache = write_synthetic_cache(tmp_path / "cache")
     quiet = dict(log=lambda *_: None)
@@ -194,9 +195,10 @@ def test_pretrain_with_cuda_graph_of_the_compiled_student(tmp_path):
     graph trains to the eager trainer's losses (bf16; compiled kernels round differently)."""
     pytest.importorskip("polars")
     pytest.importorskip("zarr")
-    from conftest import write_synthetic_cache
-    from recon.pretrain import train
     from test_pretrain import tiny_params
+
+    from conftest import write_synthetic_cache
+    from recon.pretraining.trainer import train
 
     cache = write_synthetic_cache(tmp_path / "cache")
     eager = train(tiny_params(device="cuda", epochs=1), cache, tmp_path / "eager", log=lambda *_: None)

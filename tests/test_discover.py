@@ -83,6 +83,7 @@ def test_same_stem_files_get_suffixed_ids_and_relative_paths(tmp_path):
 
 def test_ids_that_clash_even_with_suffixes_are_refused(tmp_path):
     import pytest
+
     from pipeline.discover import DuplicateShapeIds
     _write(tmp_path / "mug" / "a" / "b.obj")
     _write(tmp_path / "mug" / "a-b.obj")
@@ -101,6 +102,7 @@ def test_same_stem_real_meshes_index_render_and_sample_consistently(meshes_dir, 
     import shutil
 
     import numpy as np
+
     from pipeline.store import open_store
     from stages import index, sample
     root = tmp_path / "meshes" / "thing"

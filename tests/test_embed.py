@@ -89,6 +89,7 @@ def test_stores_layout_and_text_features_equal_a_direct_forward(cache):
 
 def test_local_weights_give_the_direct_forward(cache, tmp_path):
     import torch
+
     from pipeline.teachers import load_teacher
 
     torch.manual_seed(0)
@@ -120,6 +121,7 @@ def test_resume_after_sigkill_and_two_process_sharding(cache, tmp_path):
     (single / "params.yaml").write_text(PARAMS)
     weights = tmp_path / "vit.pth"
     import torch
+
     from pipeline.teachers import load_teacher
     torch.manual_seed(0)
     torch.save(load_teacher(IMAGE_TEACHER, "image", "random").module.state_dict(), weights)
@@ -163,6 +165,7 @@ def test_inspect_reports_counts_and_knn(tmp_path):
 
 def test_bf16_precision_is_close_and_recorded(cache, tmp_path):
     import torch
+
     from pipeline.teachers import load_teacher
 
     torch.manual_seed(0)

@@ -12,10 +12,12 @@ from torch import nn
 
 from pipeline.convert import Sample, write_classification_store
 from pipeline.store import ArraySpec, StoreWriter
-from recon import evaluate as E
-from recon.cls_data import ClsData, load_classification
-from recon.finetune import FinetuneParams
-from recon.model import ReConConfig, ReConPretrain
+from recon.downstream import evaluate as E
+from recon.downstream.cls_data import ClsData, load_classification
+from recon.downstream.recipes import FinetuneParams
+from recon.network.model import ReConConfig, ReConPretrain
+from recon.network.pointops import fps_indices
+from recon.pretraining import probes as P
 
 K, T, D = 3, 4, 8
 
@@ -32,7 +34,7 @@ def make_store(path, per_class: int = 4, classes: int = K, points: int = 64, see
                 pts[:, 0] = c + 2 + 0.01 * pts[:, 0]
                 samples.append(Sample(f"{split}-{c}-{i}", split, c, lambda a=pts: a))
     return write_classification_store(path, samples, [f"cat{c}" for c in range(classes)], points,
-                                      {"format": "test"}, log=lambda *_: None).path
+                                      {"format": "test"}, log=lambda *_: None, fps=fps_indices).path
 
 
 def make_text_store(path, teacher: str, protos: np.ndarray, names: list[str]):
@@ -70,8 +72,8 @@ def test_svm_separable_features_give_100():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 10)
     x = np.eye(4)[y] * 5 + 0.1 * rng.normal(size=(40, 4))
-    assert E.svm_accuracy(x[::2], y[::2], x[1::2], y[1::2]) == (100.0, 100.0)
-    assert E.SVM_C == 0.075
+    assert P.svm_accuracy(x[::2], y[::2], x[1::2], y[1::2]) == (100.0, 100.0)
+    assert P.SVM_C == 0.075
 
 
 def test_topk_and_text_space():
@@ -152,7 +154,7 @@ def make_blob_store(path, per_class: int = 6, classes: int = K, points: int = 64
                 pts = (rng.normal(size=(points, 3)) * scale).astype(np.float32)
                 samples.append(Sample(f"{split}-{c}-{i}", split, c, lambda a=pts: a))
     return write_classification_store(path, samples, [f"cat{c}" for c in range(classes)], points,
-                                      {"format": "test"}, log=lambda *_: None).path
+                                      {"format": "test"}, log=lambda *_: None, fps=fps_indices).path
 
 
 def tiny_checkpoint(path, seed: int = 0) -> ReConPretrain:
@@ -174,15 +176,15 @@ def test_svm_on_separable_shapes_reaches_what_they_allow(tmp_path):
     r = E.svm_eval(model, train, test, n_points=32)
     assert r["test_acc_standardized"] >= 90 and r["train_acc_standardized"] == 100
     assert r["feature_dim"] == 96 and (r["train_shapes"], r["test_shapes"]) == (18, 18)
-    feats = [E.batched(model.svm_features, E.eval_clouds(data, 32), 64, "cpu")[0] for data in (train, test)]
-    assert (r["train_acc"], r["test_acc"]) == E.svm_accuracy(feats[0], train.labels, feats[1], test.labels)
+    feats = [P.batched(model.svm_features, E.eval_clouds(data, 32), 64, "cpu")[0] for data in (train, test)]
+    assert (r["train_acc"], r["test_acc"]) == P.svm_accuracy(feats[0], train.labels, feats[1], test.labels)
 
 
 def test_evaluate_stage_svm_and_zeroshot(tmp_path, monkeypatch):
     from stages import evaluate as stage
 
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
-    store = make_blob_store(tmp_path / "d.zarr", per_class=3)
+    store = make_blob_store(tmp_path / "d.zarr", per_class=6)
     model = tiny_checkpoint(tmp_path / "model.pt")
     text = make_text_store(tmp_path / "text.zarr", "minilm", np.eye(K, D), [f"cat{c}" for c in range(K)])
     p = stage.params(dict(checkpoint=str(tmp_path / "model.pt"), store=str(store), text_store=str(text),
@@ -190,17 +192,17 @@ def test_evaluate_stage_svm_and_zeroshot(tmp_path, monkeypatch):
     metrics = stage.run(p, tmp_path / "evaluate")
     train, test = load_classification(store, "train"), load_classification(store, "test")
     assert metrics["svm"] == E.svm_eval(model, train, test, n_points=32)        # the stage adds nothing hidden
-    assert metrics["svm"]["test_acc_standardized"] >= 2 / 3 * 100             # separable blobs, 9 test shapes
+    assert metrics["svm"]["test_acc_standardized"] >= 2 / 3 * 100             # separable blobs, 18 test shapes
     zs = metrics["zeroshot"]
-    assert zs["shape_feature"] == "text_proj(TXT)" and zs["test_shapes"] == 9
-    scores = E.zero_shot_scores(None, E.batched(model.zero_shot_features, E.eval_clouds(test, 32), 64, "cpu")[1],
+    assert zs["shape_feature"] == "text_proj(TXT)" and zs["test_shapes"] == 18
+    scores = E.zero_shot_scores(None, P.batched(model.zero_shot_features, E.eval_clouds(test, 32), 64, "cpu")[1],
                                 E.class_text_features(text, test.class_names)[0])
     assert zs["top1_acc"] == pytest.approx(100 * float((scores.argmax(1) == test.labels).mean()))
     assert "random_init" not in metrics
     assert json.loads((tmp_path / "metrics" / "evaluate" / "metrics.json").read_text()) == metrics
     confusion = (tmp_path / "metrics" / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()
-    assert len(confusion) == 10 and (tmp_path / "evaluate" / "zeroshot" / "confusion.png").stat().st_size > 1000
-    assert sum(row.split(",")[0] == row.split(",")[1] for row in confusion[1:]) == round(zs["top1_acc"] * 9 / 100)
+    assert len(confusion) == 19 and (tmp_path / "evaluate" / "zeroshot" / "confusion.png").stat().st_size > 1000
+    assert sum(row.split(",")[0] == row.split(",")[1] for row in confusion[1:]) == round(zs["top1_acc"] * 18 / 100)
 
 
 def test_random_init_baseline_side_by_side(tmp_path, monkeypatch):
@@ -211,10 +213,10 @@ def test_random_init_baseline_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
     store = make_blob_store(tmp_path / "d.zarr", per_class=3)
     model = tiny_checkpoint(tmp_path / "model.pt", seed=5)
-    baseline = E.random_init_like(model, seed=0)
+    baseline = P.random_init_like(model, seed=0)
     assert not torch.equal(baseline.encoder.blocks[0].patch_attn.qkv.weight, model.encoder.blocks[0].patch_attn.qkv.weight)
     state = torch.get_rng_state()
-    assert torch.equal(E.random_init_like(model, seed=0).img_proj.weight, baseline.img_proj.weight)
+    assert torch.equal(P.random_init_like(model, seed=0).img_proj.weight, baseline.img_proj.weight)
     assert torch.equal(torch.get_rng_state(), state)                          # the caller's RNG is untouched
     torch.save({"model": baseline.state_dict(), "config": json.loads(json.dumps(model.cfg.__dict__, default=list))},
                tmp_path / "random.pt")
@@ -229,7 +231,7 @@ def test_random_init_baseline_side_by_side(tmp_path, monkeypatch):
     # by default the baseline's BatchNorm statistics are re-estimated on train clouds, as pretraining does
     calibrated = stage.run(stage.params(dict(checkpoint=str(tmp_path / "model.pt"), **{**common, "bn_recalibrate": 4})),
                            tmp_path / "c")
-    expected = E.random_init_like(model, seed=0)
+    expected = P.random_init_like(model, seed=0)
     assert E.baseline_batchnorm(expected, train, 32, True, 4, 0) == 4 == calibrated["random_init"]["bn_recalibrated_clouds"]
     bn = next(m for m in expected.modules() if isinstance(m, torch.nn.BatchNorm1d))
     assert float(bn.running_var.mean()) < 0.5                                  # not the fresh variance of 1

@@ -11,11 +11,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from recon.export import check_onnx, export_onnx, fps_exportable
-from recon.finetune import FinetuneParams
-from recon.model import ReConClassifier, ReConConfig
-from recon.pointops import farthest_point_sample
-from recon.weights import save_model
+from recon.downstream.export import check_onnx, export_onnx, fps_exportable
+from recon.downstream.recipes import FinetuneParams
+from recon.downstream.weights import save_model
+from recon.network.model import ReConClassifier, ReConConfig
+from recon.network.pointops import farthest_point_sample
 
 
 def trained_like(head: str = "full") -> ReConClassifier:

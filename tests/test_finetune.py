@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 from conftest import shared_dir
-from recon import cls_data as CD
-from recon import finetune as FT
-from recon import inference as INF
-from recon import trainstate
-from recon import weights as W
-from recon.checkpoint import ours_to_reference
-from recon.model import ReConClassifier, ReConConfig, ReConPretrain
-from recon.optim import param_groups
+from recon.downstream import cls_data as CD
+from recon.downstream import finetune as FT
+from recon.downstream import inference as INF
+from recon.downstream import recipes as R
+from recon.downstream import weights as W
+from recon.network.model import ReConClassifier, ReConConfig, ReConPretrain
+from recon.network.pointops import fps_indices
+from recon.network.reference import ours_to_reference
+from recon.runtime import trainstate
+from recon.runtime.optim import param_groups
 
 TINY = dict(trans_dim=48, depth=2, num_heads=3, decoder_depth=1, decoder_num_heads=3)
 SMALL_RUN = dict(init="scratch", model=TINY, n_points=128, num_group=8, group_size=16, batch_size=8,
@@ -57,7 +59,7 @@ def test_head_shapes(head, layers):
 @pytest.mark.parametrize("protocol", ["full", "mlp3", "linear"])
 def test_gradients_and_frozen_bn_per_protocol(protocol):
     torch.manual_seed(0)
-    p = FT.FinetuneParams(protocol=protocol, **SMALL_RUN)
+    p = R.FinetuneParams(protocol=protocol, **SMALL_RUN)
     model = W.build_classifier(p, num_classes=4).train()
     bn_before = model.encoder.patch_embed.bn1.running_mean.clone()
     head_bn = model.head[1].running_mean.clone() if protocol != "linear" else None
@@ -107,7 +109,7 @@ def test_voting_averages_logits_of_augmented_passes():
 
 def test_superset_sampling_and_augmentation():
     data = synthetic(2, 2, points=300)
-    recipe = FT.FinetuneParams(profile="modelnet40", n_points=128).recipe()
+    recipe = R.FinetuneParams(profile="modelnet40", n_points=128).recipe()
     sup = CD.prepare(data, recipe)
     assert CD.superset_size(1024, 8192) == 1200 and CD.superset_size(2048, 2048) == 2048
     assert sup.shape == (4, 150, 3)                                  # ceil(128 * 1.171875)
@@ -143,7 +145,7 @@ def test_init_from_pretraining_checkpoints(tmp_path, kind):
         torch.save({"base_model": {f"module.{k}": v for k, v in ours_to_reference(pre.state_dict()).items()},
                     "epoch": 3}, path)
     init = W.load_init(str(path))
-    p = FT.FinetuneParams(**{**SMALL_RUN, "init": str(path), "model": {}})
+    p = R.FinetuneParams(**{**SMALL_RUN, "init": str(path), "model": {}})
     model = W.build_classifier(p, 5, init)
     assert model.cfg.trans_dim == 48 and model.cfg.depth == 2 and model.cfg.drop_path_rate == 0.2
     for name, value in model.encoder.state_dict().items():
@@ -154,45 +156,45 @@ def test_voting_and_training_augmentation_follow_the_reference_per_dataset():
     """Reference runner: ModelNet trains with scale+translate and votes with scale; ScanObjectNN
     PB_T50_RS votes with rotation, OBJ_BG / OBJ_ONLY (and few-shot) vote without augmentation;
     everything but ModelNet trains with rotation."""
-    votes = {name: FT.PROFILES[name].vote_augment for name in FT.PROFILES}
+    votes = {name: R.PROFILES[name].vote_augment for name in R.PROFILES}
     assert votes == {"scanobjectnn": "rotate", "scanobjectnn-hardest": "rotate", "scanobjectnn-objbg": "none",
                      "scanobjectnn-objonly": "none", "modelnet40": "scale", "modelnet40-8k": "scale",
                      "fewshot": "none", "demo": "scale"}
-    assert {FT.PROFILES[n].augment for n in FT.SCANOBJECTNN_VARIANTS} | {FT.PROFILES["fewshot"].augment} == {"rotate"}
-    assert FT.PROFILES["modelnet40"].augment == "scale_translate"
+    assert {R.PROFILES[n].augment for n in R.SCANOBJECTNN_VARIANTS} | {R.PROFILES["fewshot"].augment} == {"rotate"}
+    assert R.PROFILES["modelnet40"].augment == "scale_translate"
     store = {"format": "scanobjectnn", "variant": "OBJ_BG"}
-    FT.FinetuneParams(profile="scanobjectnn-objbg").check_store(store)
+    R.FinetuneParams(profile="scanobjectnn-objbg").check_store(store)
     with pytest.raises(ValueError, match="use profile 'scanobjectnn-objbg'"):
-        FT.FinetuneParams(profile="scanobjectnn").check_store(store)
-    FT.FinetuneParams(profile="modelnet40").check_store({"format": "modelnet40"})
+        R.FinetuneParams(profile="scanobjectnn").check_store(store)
+    R.FinetuneParams(profile="modelnet40").check_store({"format": "modelnet40"})
 
 
 @pytest.mark.parametrize("schedule", [None, "epoch"])
 def test_schedule_granularity_per_profile(monkeypatch, schedule):
     """Paper profiles step the learning rate per epoch, the demo per step; either can be chosen."""
-    assert {n: p.schedule for n, p in FT.PROFILES.items() if p.schedule != "epoch"} == {"demo": "step"}
+    assert {n: p.schedule for n, p in R.PROFILES.items() if p.schedule != "epoch"} == {"demo": "step"}
     seen = []
     real_set_lr = FT.set_lr
     monkeypatch.setattr(FT, "set_lr", lambda opt, lr: (seen.append(lr), real_set_lr(opt, lr)))
-    p = FT.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "batch_size": 4, "schedule": schedule})
+    p = R.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "batch_size": 4, "schedule": schedule})
     result = FT.finetune(p, synthetic(4, 3), None, seed=0, log=lambda *_: None)
     per_epoch = result.history[0]["step"]
     assert per_epoch > 1 and len(seen) == 3 * per_epoch
     rates_in_epoch_1 = set(seen[per_epoch:2 * per_epoch])
     assert len(rates_in_epoch_1) == (1 if schedule == "epoch" else per_epoch)
     with pytest.raises(ValueError, match="unknown schedule"):
-        FT.FinetuneParams(schedule="batch").recipe()
+        R.FinetuneParams(schedule="batch").recipe()
 
 
 def test_exact_resume_and_validation_selection(tmp_path):
     data = synthetic(4, 3)
-    p = FT.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "val_fraction": 0.25})
+    p = R.FinetuneParams(**{**SMALL_RUN, "epochs": 3, "votes": 0, "val_fraction": 0.25})
     straight = FT.finetune(p, data, None, seed=3, out=tmp_path / "a", log=lambda *_: None)
     assert straight.metrics["selection"] == "best validation accuracy" and straight.metrics["val_shapes"] == 3
     best = max(straight.history, key=lambda r: r["val_acc"])
     assert straight.metrics["selected_epoch"] == best["epoch"]
     steps_per_epoch = straight.history[0]["step"]
-    FT.finetune(FT.FinetuneParams(**{**p.__dict__, "max_steps": steps_per_epoch}), data, None, seed=3,
+    FT.finetune(R.FinetuneParams(**{**p.__dict__, "max_steps": steps_per_epoch}), data, None, seed=3,
                 out=tmp_path / "b", log=lambda *_: None)
     assert [c.name for c in (tmp_path / "b" / "checkpoints").iterdir()] == ["epoch-0000.pt"]
     resumed = FT.finetune(p, data, None, seed=3, out=tmp_path / "b", log=lambda *_: None)
@@ -215,7 +217,7 @@ def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
     from stages import finetune as stage
 
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
-    store = convert_modelnet(root, tmp_path / "mn40.zarr", n_points=192, log=lambda *_: None).path
+    store = convert_modelnet(root, tmp_path / "mn40.zarr", n_points=192, log=lambda *_: None, fps=fps_indices).path
     save_tiny_pretrain(tmp_path / "model.pt")
     p = stage.params(dict(profile="modelnet40", store=str(store), init=str(tmp_path / "model.pt"),
                           **{**{k: v for k, v in SMALL_RUN.items() if k not in ("init", "model")},
@@ -252,16 +254,17 @@ def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
 def test_learns_separable_classes():
     """Full fine-tuning from scratch separates three blob shapes; single pass and voting agree.
 
-    Judged on the eval-mode figures of 48 unseen shapes (chance 33 %). The running train accuracy
-    is taken under anisotropic scaling, dropout and drop-path, and swings 77-96 % from one epoch to
-    the next (its last value depends on the CPU's float summation order), so only its mean over the
-    last five epochs is checked. Measured on a 2-vCPU Xeon, data seed 0, model seeds 0-3, 1 and 2
-    threads: test 100 %, voted 97.9-100 %, last-five train mean 90.4-94.6 %."""
+    Judged in eval mode: on the training shapes (has it fitted them?) and on 48 unseen ones
+    (chance 33 %). The running train accuracy is taken under anisotropic scaling, dropout and
+    drop-path and swings 77-100 % between epochs; its last value depended on the CPU's float
+    summation order (89.58 % on one Xeon), so it is not asserted. Measured on a 2-vCPU Xeon, model
+    seeds 0-3, 1 and 2 threads: train (eval) 100 %, test 100 %, voted 97.9-100 %."""
     train, test = synthetic(16, 3, seed=0), synthetic(16, 3, seed=1)
-    p = FT.FinetuneParams(**{**SMALL_RUN, "profile": "modelnet40", "epochs": 40, "warmup_epochs": 2, "lr": 5e-4,
-                             "votes": 3})
+    p = R.FinetuneParams(**{**SMALL_RUN, "profile": "modelnet40", "epochs": 40, "warmup_epochs": 2, "lr": 5e-4,
+                            "votes": 3})
     result = FT.finetune(p, train, test, seed=0, log=lambda *_: None)
-    assert np.mean([h["train_acc"] for h in result.history[-5:]]) >= 80
+    on_train = INF.evaluate_classifier(result.model, train, p.recipe(), votes=0, seed=0)
+    assert on_train["test_acc"] >= 90
     assert result.metrics["test_acc"] >= 90 and result.metrics["test_vote_acc"] >= 90
     assert abs(result.metrics["test_acc"] - result.metrics["test_vote_acc"]) <= 5
 
@@ -278,12 +281,12 @@ def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_finetune.py"
     script.write_text(
         "import sys, numpy as np, torch\n"
-        "from recon import cls_data as CD, finetune as FT\n"
-        "from recon.distributed import setup, teardown\n"
+        "from recon.downstream import cls_data as CD, finetune as FT, recipes as R\n"
+        "from recon.runtime.distributed import setup, teardown\n"
         "d = setup('cpu')\n"
         "z = np.load(sys.argv[1])\n"
         "data = CD.ClsData(z['points'], z['labels'], np.array([f's{i}' for i in range(len(z['labels']))]), ['a', 'b', 'c'])\n"
-        f"p = FT.FinetuneParams(**{{**{SMALL_RUN!r}, 'votes': 0}})\n"
+        f"p = R.FinetuneParams(**{{**{SMALL_RUN!r}, 'votes': 0}})\n"
         "r = FT.finetune(p, data, None, seed=0, d=d, log=print)\n"
         "import os, pathlib\n"  # one file per rank: two ranks' stdout can interleave mid-line
         "pathlib.Path(sys.argv[2], 'digest-' + os.environ['RANK']).write_text(repr(float(sum(v.double().sum() for v in r.model.parameters()))))\n"
@@ -300,7 +303,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 def test_fps_order_memo_returns_the_same_clouds_and_a_private_copy(monkeypatch):
     """The FPS memo: a second call on equal clouds reuses the result (no new FPS), equals a fresh
     computation, and a caller writing into its array cannot corrupt the memo."""
-    from recon import cls_data
+    from recon.downstream import cls_data
 
     rng = np.random.default_rng(3)
     clouds = rng.normal(size=(5, 300, 3)).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon.model import ReConConfig, ReConPretrain
+from recon.network.model import ReConConfig, ReConPretrain
 
 QUERY_PARAMS = ("encoder.img_token", "encoder.text_token", "encoder.img_pos", "encoder.text_pos")
 

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from conftest import write_synthetic_cache
-from recon.data import (EpochBatches, PretrainDataset, loader_workers, make_loader, normalize,
-                        open_pretrain_stores, rotate_up)
+from recon.pretraining.data import (
+    EpochBatches,
+    PretrainDataset,
+    loader_workers,
+    make_loader,
+    normalize,
+    open_pretrain_stores,
+    rotate_up,
+)
 
 
 @pytest.fixture

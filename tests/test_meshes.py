@@ -13,7 +13,6 @@ import trimesh
 from conftest import shared_dir
 from pipeline.meshes import MeshError, MissingAssetWarning, load_mesh, load_scene
 
-
 MESHES = shared_dir() / "data" / "meshes"
 needs_shared = pytest.mark.skipif(not MESHES.is_dir(), reason="shared test meshes not available")
 

@@ -1,4 +1,4 @@
-"""Variants, masking, loss options, heads and probe features of recon.model / recon.losses."""
+"""Variants, masking, loss options, heads and probe features of recon.network.model / recon.network.losses."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from recon import losses as L
-from recon.model import ReConClassifier, ReConConfig, ReConPretrain, split_groups
+from recon.network import losses as L
+from recon.network.model import ReConClassifier, ReConConfig, ReConPretrain, split_groups
 
 
 def small_cfg(**kw) -> ReConConfig:
@@ -90,7 +90,8 @@ def test_projection_norm_makes_near_constant_queries_learnable():
         return float(loss / baseline)
 
     plain, normed = held_out_ratio("none"), held_out_ratio("batch")
-    assert plain > 0.85                    # an ill-conditioned readout barely moves off the baseline
+    assert plain > 0.8                     # an ill-conditioned readout barely moves off the baseline (0.85-0.94 over seeds)
+    assert normed < 0.5 * plain
     assert normed < 0.45                   # the same steps with the norm learn the classes
 
 

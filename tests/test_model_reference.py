@@ -1,4 +1,4 @@
-"""recon.model + recon.checkpoint against the reference fixtures (outputs, losses, grads, keys)."""
+"""recon.network.model + recon.network.reference against the reference fixtures (outputs, losses, grads, keys)."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,16 @@ import json
 import pytest
 import torch
 
-from recon.checkpoint import (init_classifier_from_pretrain, load_reference_checkpoint,
-                              load_reference_into, ours_to_reference, reference_name,
-                              reference_to_ours)
 from conftest import reference_dir
-from recon.model import ReConClassifier, ReConConfig, ReConPretrain
+from recon.network.model import ReConClassifier, ReConConfig, ReConPretrain
+from recon.network.reference import (
+    init_classifier_from_pretrain,
+    load_reference_checkpoint,
+    load_reference_into,
+    ours_to_reference,
+    reference_name,
+    reference_to_ours,
+)
 
 ATOL = 1e-5
 
@@ -110,8 +115,8 @@ def test_finetune_outputs_match(finetune):
     with torch.no_grad():
         out = model.forward_tokens(vec["input.points"])
         logits = model(vec["input.points"])
-    from recon.model import head_input
-    from recon.pointops import farthest_point_sample, knn
+    from recon.network.model import head_input
+    from recon.network.pointops import farthest_point_sample, knn
     pts = vec["input.points"]
     torch.testing.assert_close(farthest_point_sample(pts, 16), vec["out.fps_idx"].long(), rtol=0, atol=0)
     torch.testing.assert_close(knn(out["center"], pts, 8), vec["out.knn_idx_sorted"], rtol=0, atol=0)

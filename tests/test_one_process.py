@@ -23,12 +23,13 @@ from pipeline.render import RenderConfig, render_views
 from conftest import write_synthetic_cache
 from test_finetune import SMALL_RUN, synthetic
 from test_pretrain import tiny_params
-from recon import finetune as FT
-from recon.pretrain import train
+from recon.downstream import finetune as FT
+from recon.downstream import recipes as R
+from recon.pretraining.trainer import train
 
 images = render_views(sys.argv[1], RenderConfig(resolution=64))
 print("rendered", int((images < 250).any(-1).sum()), flush=True)
-result = FT.finetune(FT.FinetuneParams(**{**SMALL_RUN, "epochs": 1, "votes": 0}), synthetic(4, 3), None,
+result = FT.finetune(R.FinetuneParams(**{**SMALL_RUN, "epochs": 1, "votes": 0}), synthetic(4, 3), None,
                      seed=0, log=lambda *_: None)
 print("finetuned", len(result.history), flush=True)
 metrics = train(tiny_params(epochs=1), write_synthetic_cache(Path(sys.argv[3]) / "cache"), Path(sys.argv[3]) / "run",

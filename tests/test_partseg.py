@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import reference_dir
-from recon.checkpoint import detect_kind, ours_to_reference, reference_to_ours
-from recon.export import check_partseg_onnx, export_partseg_onnx
-from recon.model import ReConConfig, ReConPretrain
-from recon.partseg import PartSegConfig, ReConPartSeg, load_encoder, reference_encoder_config
-from recon.pointops import group_points
+from recon.downstream.export import check_partseg_onnx, export_partseg_onnx
+from recon.downstream.partseg_net import PartSegConfig, ReConPartSeg, load_encoder, reference_encoder_config
+from recon.network.model import ReConConfig, ReConPretrain
+from recon.network.pointops import group_points
+from recon.network.reference import detect_kind, ours_to_reference, reference_to_ours
 
 
 def reference_param_count(C: int, depth: int = 12, fetched: int = 3, parts: int = 50,
@@ -243,10 +243,10 @@ def test_export_stage_tells_a_partseg_checkpoint_apart(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from cli import app
-    from recon.export import onnx_session
-    from recon.finetune import Profile
-    from recon.partseg_data import SegData
-    from recon.partseg_finetune import save_partseg_model
+    from recon.downstream.export import onnx_session
+    from recon.downstream.partseg_data import SegData
+    from recon.downstream.partseg_finetune import save_partseg_model
+    from recon.downstream.recipes import Profile
     from stages.export import checkpoint_task
 
     monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))

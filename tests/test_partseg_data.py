@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline import partseg as PS
+from pipeline import partseg_store as PS
 from pipeline.demo import _GENERATORS, build_shape, generate_demo
 from pipeline.demo_parts import DEMO_PARTS, part_index, read_obj_parts, sample_parts
 from pipeline.meshes import load_mesh

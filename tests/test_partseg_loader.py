@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.partseg import PartSample, write_partseg_store
+from pipeline.partseg_store import PartSample, write_partseg_store
 from pipeline.store import ArraySpec, StoreError, StoreWriter
-from recon.partseg_data import SegData, SegTrainSet, load_partseg, random_points, scale_and_translate
+from recon.downstream.partseg_data import SegData, SegTrainSet, load_partseg, random_points, scale_and_translate
 
 PARTS = [[0, 1], [2, 3, 4]]
 N_POINTS = 12

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from recon.partseg_metrics import miou_summary, part_colours, plot_parts, restrict_to_category, shape_ious
+from recon.downstream.partseg_metrics import miou_summary, part_colours, plot_parts, restrict_to_category, shape_ious
 
 PARTS = [[0, 1], [2, 3, 4]]          # category A: parts 0, 1; category B: parts 2, 3, 4
 NAMES = ["A", "B", "C"]              # C has no shape below

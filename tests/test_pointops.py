@@ -1,13 +1,12 @@
-"""Tests for recon.pointops: FPS, kNN, grouping and Chamfer-L2 vs naive references."""
+"""Tests for recon.network.pointops: FPS, kNN, grouping and Chamfer-L2 vs naive references."""
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import reference_dir
-from recon import pointops as po
+from recon.network import pointops as po
 
 
 def load_fixture(name: str) -> dict[str, torch.Tensor]:

@@ -14,12 +14,12 @@ import torch
 
 from conftest import ROOT, shared_dir, write_synthetic_cache
 from pipeline.store import StoreError
-from recon import trainstate
-from recon.data import PretrainDataset, open_pretrain_stores
-from recon.model import ReConConfig, ReConPretrain
-from recon.optim import lr_at, lr_per_epoch, param_groups
-from recon.evaluate import load_pretrained
-from recon.pretrain import NonFiniteLoss, PretrainParams, train
+from recon.downstream.evaluate import load_pretrained
+from recon.network.model import ReConConfig, ReConPretrain
+from recon.pretraining.data import PretrainDataset, open_pretrain_stores
+from recon.pretraining.trainer import NonFiniteLoss, PretrainParams, train
+from recon.runtime import trainstate
+from recon.runtime.optim import lr_at, lr_per_epoch, param_groups
 
 TINY_MODEL = {"trans_dim": 48, "num_heads": 3, "decoder_num_heads": 3, "depth": 2, "decoder_depth": 1,
               "num_group": 8, "group_size": 16}
@@ -100,7 +100,7 @@ def test_epoch_schedule_is_timm_cosine_as_the_reference_runner_steps_it():
 
 @pytest.mark.parametrize("schedule", ["epoch", "step"])
 def test_trainer_steps_the_schedule_at_its_granularity(cache, tmp_path, monkeypatch, schedule):
-    import recon.pretrain as trainer
+    import recon.pretraining.trainer as trainer
     seen = []
     real_set_lr = trainer.set_lr
     monkeypatch.setattr(trainer, "set_lr", lambda opt, lr: (seen.append(lr), real_set_lr(opt, lr)))
@@ -153,7 +153,7 @@ def test_changed_params_start_afresh_and_keep_the_old_run(cache, tmp_path):
 
 
 def test_changed_training_code_retrains_instead_of_resuming(cache, tmp_path, monkeypatch):
-    import recon.pretrain as P
+    import recon.pretraining.trainer as P
     train(tiny_params(epochs=1), cache, tmp_path / "r", log=lambda *_: None)
     messages = []
     same = train(tiny_params(epochs=1), cache, tmp_path / "r", log=messages.append)
@@ -163,13 +163,13 @@ def test_changed_training_code_retrains_instead_of_resuming(cache, tmp_path, mon
     train(tiny_params(epochs=1), cache, tmp_path / "r", log=messages.append)
     assert any("other params, inputs or code" in m for m in messages)
     assert (tmp_path / "r" / "checkpoints.previous" / "epoch-0000.pt").exists()
-    a, b = trainstate.code_fingerprint("recon.model"), trainstate.code_fingerprint("recon.losses")
-    assert a != b and a == trainstate.code_fingerprint("recon.model")
+    a, b = trainstate.code_fingerprint("recon.network.model"), trainstate.code_fingerprint("recon.network.losses")
+    assert a != b and a == trainstate.code_fingerprint("recon.network.model")
 
 
 def test_cuda_graph_settings_it_cannot_follow_are_refused_before_work():
-    from recon.distributed import Dist
-    from recon.pretrain import check_cuda_graph
+    from recon.pretraining.trainer import check_cuda_graph
+    from recon.runtime.distributed import Dist
     check_cuda_graph(tiny_params(), Dist())  # off: nothing to check
     with pytest.raises(ValueError, match="needs a CUDA device"):
         check_cuda_graph(tiny_params(cuda_graph=True), Dist())
@@ -200,7 +200,7 @@ def test_checkpoints_load_with_weights_only_and_roundtrip(cache, tmp_path):
 
 def test_ddp_two_cpu_processes(cache, tmp_path):
     script = tmp_path / "ddp_train.py"
-    script.write_text("import sys; from pathlib import Path; from recon.pretrain import PretrainParams, train; "
+    script.write_text("import sys; from pathlib import Path; from recon.pretraining.trainer import PretrainParams, train; "
             f"p = PretrainParams(variant='tiny', model={TINY_MODEL!r}, epochs=1, batch_size=4, n_points=128, "
             "warmup_epochs=0, device='cpu'); "
             "r = train(p, Path(sys.argv[1]), Path(sys.argv[2]), log=print); "
@@ -220,7 +220,7 @@ def test_any_rank_flag_reaches_every_rank(tmp_path):
     """Dist.any under torchrun (2 gloo processes): a non-finite loss on one rank stops all of them
     before an optimizer step, so no rank can checkpoint weights updated from NaN gradients."""
     script = tmp_path / "any.py"
-    script.write_text("import sys; from pathlib import Path; from recon.distributed import setup, teardown; "
+    script.write_text("import sys; from pathlib import Path; from recon.runtime.distributed import setup, teardown; "
                       "d = setup('cpu'); "
                       "Path(sys.argv[1], f'any-{d.rank}').write_text(f'{d.any(d.rank == 1)} {d.any(False)}'); "
                       "teardown(d)")
@@ -241,7 +241,7 @@ def test_show_reconstruction_writes_a_png(cache, tmp_path):
 
 
 def test_convert_reference_checkpoint_roundtrip(tmp_path):
-    from recon.checkpoint import convert_reference_checkpoint, ours_to_reference
+    from recon.network.reference import convert_reference_checkpoint, ours_to_reference
     model = ReConPretrain(ReConConfig.variant("tiny", depth=2, decoder_depth=1)).eval()
     reference = {"module." + k: v for k, v in ours_to_reference(model.state_dict(), "pretrain").items()}
     torch.save({"base_model": reference, "epoch": 3}, tmp_path / "ckpt-last.pth")
@@ -261,7 +261,7 @@ def smooth_l1_to_mean(train: np.ndarray, targets: np.ndarray) -> float:
 def test_variant_sampling_draws_augmented_variants_only(tmp_path):
     """With A > 1 stored variants a step draws from the augmented ones (1..A-1), each of them;
     ``image_variants='all'`` adds the clean view; with A = 1 the clean view is all there is."""
-    from recon.data import variant_choices
+    from recon.pretraining.data import variant_choices
 
     assert variant_choices(4) == range(1, 4) and variant_choices(4, "all") == range(4)
     assert variant_choices(1) == range(1) and variant_choices(1, "all") == range(1)
@@ -288,7 +288,7 @@ def test_target_statistics_round_trip(tmp_path):
     the drawable variants; text: each train shape's category), streamed in chunks; normalising then
     de-normalising gives the targets back; the statistics travel with the checkpoints and zero-shot
     maps the projections back into the teachers' spaces; the state-dict keys stay the reference's."""
-    from recon.targets import compute_target_stats
+    from recon.pretraining.targets import compute_target_stats
 
     cache = write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3)
     stores = open_pretrain_stores(cache)
@@ -329,7 +329,7 @@ def test_target_statistics_round_trip(tmp_path):
 def test_monitor_baselines_match_brute_force(tmp_path):
     """The mean-target baselines next to the monitored losses: the train split's mean target
     (over the drawable variants) against every target of the train / test shapes."""
-    from recon.monitor import PretrainMonitor
+    from recon.pretraining.monitor import PretrainMonitor
 
     stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3))
     split = stores.shapes["split"].to_numpy()
@@ -363,8 +363,8 @@ def test_monitor_baselines_match_brute_force(tmp_path):
 def test_random_init_probe_is_the_mean_and_spread_over_baseline_seeds(tmp_path):
     """The probe's random-init figure is the mean ± std over seeded twins, the first of them the
     trained model's own starting point; each twin is an independent, recalibrated network."""
-    from recon.evaluate import random_init_like
-    from recon.monitor import PretrainMonitor
+    from recon.pretraining.monitor import PretrainMonitor
+    from recon.pretraining.probes import random_init_like
 
     stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3))
     split = stores.shapes["split"].to_numpy()
@@ -481,8 +481,8 @@ def test_distillation_learns_in_a_demo_like_regime(tmp_path):
 def test_batchnorm_recalibration_is_the_average_over_the_clouds():
     """Precise BN: the running statistics become the mean and (unbiased) variance of each BatchNorm
     input over the given clouds; the weights and the global RNG are untouched."""
-    from recon.model import recalibrate_batchnorm
-    from recon.pointops import group_points
+    from recon.network.model import recalibrate_batchnorm
+    from recon.network.pointops import group_points
 
     torch.manual_seed(0)
     model = ReConPretrain(ReConConfig(**TINY_MODEL)).eval()
@@ -517,7 +517,7 @@ def test_projection_norms_are_recalibrated_on_fully_visible_queries(cache, tmp_p
     of the IMG/TXT queries with every group visible (what evaluation feeds them, not the masked
     training input), after the patch embedding's; a checkpoint carries them, so a reloaded model
     gives the same zero-shot features."""
-    from recon.model import recalibrate_batchnorm
+    from recon.network.model import recalibrate_batchnorm
 
     torch.manual_seed(0)
     model = ReConPretrain(ReConConfig(**TINY_MODEL, proj_norm="batch")).train()

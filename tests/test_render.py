@@ -16,7 +16,6 @@ from conftest import shared_dir
 from pipeline.meshes import MeshError, MissingAssetWarning
 from pipeline.render import RenderConfig, close_renderer, contact_sheet, render_views
 
-
 MESHES = shared_dir() / "data" / "meshes"
 needs_shared = pytest.mark.skipif(not MESHES.is_dir(), reason="shared test meshes not available")
 CFG = RenderConfig(resolution=96)

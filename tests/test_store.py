@@ -14,8 +14,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from conftest import ROOT, write_synthetic_cache
-from pipeline.store import (ArraySpec, StoreError, StoreWriter, open_store, partial_path, scan,
-                            to_polars)
+from pipeline.store import ArraySpec, StoreError, StoreWriter, open_store, partial_path, scan, to_polars
 
 IDS = [f"s{i:02d}" for i in range(10)]
 ARRAYS = {"x": ArraySpec((4, 3), "float32", chunk_rows=4)}

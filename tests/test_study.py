@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_pretrain import write_demo_like_cache
 
 from pipeline.convert import convert_points
-from recon.cls_data import load_classification
-from recon.study import ARMS, frozen_probe
-from test_pretrain import write_demo_like_cache
+from recon.downstream.cls_data import load_classification
+from recon.downstream.study import ARMS, frozen_probe
+from recon.network.pointops import fps_indices
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def study(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("study")
     cache = write_demo_like_cache(root / "cache", n_per_class=6, n_points=256)
-    store = convert_points(cache, root / "demo.zarr", 256, log=lambda *_: None).path
+    store = convert_points(cache, root / "demo.zarr", 256, log=lambda *_: None, fps=fps_indices).path
     (root / "params.yaml").write_text("pretrain:\n  split: train\n  target_norm: store\n  global_loss: cosine\n"
                                       "  schedule: step\n  device: cpu\n")
     import os
@@ -30,7 +31,7 @@ def study(tmp_path_factory):
         p = stage.params({"out": str(root / "study"), "demo_store": str(store), "quick": True, "device": "cpu"})
         summary = stage.run(p, cache)
         logs: list[str] = []
-        from recon.study import run_study
+        from recon.downstream.study import run_study
         again = run_study(stage.study_params(p, {"demo": str(store)}), cache, root / "study", log=logs.append)
     finally:
         del os.environ["RECON_PARAMS"]
@@ -55,8 +56,8 @@ def test_every_arm_with_equal_budgets(study):
 
 
 def test_figures_agree_with_a_recomputation(study):
-    from recon.evaluate import random_init_like
-    from recon.pretrain import PretrainParams, build_model
+    from recon.pretraining.probes import random_init_like
+    from recon.pretraining.trainer import PretrainParams, build_model
 
     root, store, summary, _, _ = study
     train, test = load_classification(store, "train"), load_classification(store, "test")
@@ -71,7 +72,7 @@ def test_figures_agree_with_a_recomputation(study):
         assert len(folds) == 2 and s["fewshot"]["2way2shot"]["mean"] == pytest.approx(np.mean(folds))
     # the random-init row is a fresh, seeded network of the arms' configuration (BatchNorm statistics
     # recalibrated like theirs); recomputing it gives the same figures, a pretrained arm others
-    from recon.study import StudyParams, encoder_for
+    from recon.downstream.study import StudyParams, encoder_for
     p = StudyParams(**{k: v for k, v in json.loads((root / "study" / "results.json").read_text()).items()
                        if k in ("finetune_seeds", "fewshot", "stores")},
                     pretrain=summary["arms"]["random_init"]["params"], device="cpu")

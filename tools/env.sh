@@ -57,7 +57,8 @@ ensure_venv() {
     installed=$(cd / && "$VENV/bin/python" -c 'import pathlib, cli; print(pathlib.Path(cli.__file__).resolve().parent)' 2>/dev/null || true)
     if [ "$installed" != "$ROOT" ] || [ ! -x "$VENV/bin/recon" ]; then
         say "installing this clone ($ROOT) into the environment (editable)"
-        "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+        # PYTHONWARNINGS: setuptools' "Editable installation" notice is not for our users
+        PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
     fi
 }
 

@@ -1,7 +1,7 @@
 """ONNX export of a fine-tuned classifier (raw points [B, N, 3] in, logits [B, classes] out) and
 of a part-segmentation model (points [B, N, 3] and categories [B] in, logits [B, N, parts] out).
 
-Grouping (FPS + kNN) is part of the graph. ``recon.pointops.farthest_point_sample`` updates its
+Grouping (FPS + kNN) is part of the graph. ``recon.network.pointops.farthest_point_sample`` updates its
 running minimum in place (``out=``), which the TorchScript-based exporter cannot translate, so
 the graph uses :func:`fps_exportable`: the same arithmetic (same summation order, same
 near-origin rule, same first-maximum tie break) written out of place; the tracer unrolls its
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recon.model import ReConClassifier, head_input
-from recon.partseg import ReConPartSeg
-from recon.pointops import (
+from recon.downstream.partseg_net import ReConPartSeg
+from recon.network.model import ReConClassifier, head_input
+from recon.network.pointops import (
     FPS_INIT_DIST,
     FPS_NEAR_ORIGIN_SQ,
     gather_points,
@@ -48,12 +48,12 @@ def fps_exportable(xyz: Tensor, npoint: int) -> Tensor:
 
 
 def knn_exportable(query: Tensor, xyz: Tensor, k: int) -> Tensor:
-    """``recon.pointops.knn`` (float32, ascending) without the autocast guard."""
+    """``recon.network.pointops.knn`` (float32, ascending) without the autocast guard."""
     return square_distance(query, xyz).topk(k, dim=-1, largest=False, sorted=True).indices
 
 
 def group_points_exportable(points: Tensor, num_group: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """``recon.pointops.group_points`` (same indices) from the export-friendly FPS and kNN."""
+    """``recon.network.pointops.group_points`` (same indices) from the export-friendly FPS and kNN."""
     center = gather_points(points, fps_exportable(points, num_group))
     idx = knn_exportable(center, points, group_size)
     return gather_points(points, idx) - center.unsqueeze(2), center

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recon.pointops import chamfer_l2
+from recon.network.pointops import chamfer_l2
 
 GLOBAL_LOSSES = ("smooth_l1", "l2", "cosine", "infonce")
 

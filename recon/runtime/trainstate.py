@@ -8,8 +8,8 @@ import importlib
 import json
 import os
 import random
-import shutil
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler,
-                              Sampler)
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from pipeline import layout
 from pipeline.store import StoreError, content_key, decompress_to_npy, open_store

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recon.data import PretrainStores, fixed_subset
-from recon.evaluate import knn_probe, random_init_like, svm_accuracy
-from recon.losses import global_loss
-from recon.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
-from recon.targets import TargetStats
+from recon.network.losses import global_loss
+from recon.network.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
+from recon.pretraining.data import PretrainStores, fixed_subset
+from recon.pretraining.probes import knn_probe, random_init_like, svm_accuracy
+from recon.pretraining.targets import TargetStats
 
 SPLITS = ("train", "test")
 PARTS = ("cls", "img", "txt", "pooled")

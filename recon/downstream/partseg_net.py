@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from recon.checkpoint import init_classifier_from_pretrain, reference_name
-from recon.model import MiniPointNet, ReConConfig, ReConEncoder, init_pytorch_default
-from recon.pointops import group_points, pairwise_sq_dist_exact
+from recon.network.model import MiniPointNet, ReConConfig, ReConEncoder, init_pytorch_default
+from recon.network.pointops import group_points, pairwise_sq_dist_exact
+from recon.network.reference import init_classifier_from_pretrain, reference_name
 
 #: The reference's encoder settings for 2,048-point ShapeNetPart clouds.
 REFERENCE_ENCODER = dict(num_group=128, group_size=32, drop_path_rate=0.1)

@@ -7,22 +7,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from recon import trainstate
-from recon.checkpoint import (
+from recon.downstream.recipes import FinetuneParams, Profile
+from recon.network.model import ReConClassifier, ReConConfig
+from recon.network.reference import (
     config_from_state_dict,
     detect_kind,
     init_classifier_from_pretrain,
     reference_to_ours,
     strip_prefix,
 )
-from recon.model import ReConClassifier, ReConConfig
-
-if TYPE_CHECKING:
-    from recon.finetune import FinetuneParams, Profile
+from recon.runtime import trainstate
 
 
 @dataclass
@@ -32,12 +29,12 @@ class InitSource:
     state: dict[str, torch.Tensor]
     config: dict | None
     source: str
-    target_stats: dict | None = None   # recon.targets.TargetStats.state() of a run with standardised targets
+    target_stats: dict | None = None   # recon.pretraining.targets.TargetStats.state() of a run with standardised targets
 
 
 def load_init(path: str | None) -> InitSource | None:
     """Weights to start from: our ``model.pt`` / epoch checkpoint (``{'model', 'config'}``), a
-    released reference ``.pth`` (``{'base_model'}``, renamed via recon.checkpoint), or None for
+    released reference ``.pth`` (``{'base_model'}``, renamed via recon.network.reference), or None for
     ``scratch``. Loaded with ``weights_only=True``."""
     if path in (None, "", "scratch"):
         return None

@@ -6,16 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from recon.cls_data import ClsData, prepare, vote_views
-from recon.metrics import accuracy, per_class_accuracy
-
-if TYPE_CHECKING:
-    from recon.finetune import Profile
+from recon.downstream.cls_data import ClsData, prepare, vote_views
+from recon.downstream.metrics import accuracy, per_class_accuracy
+from recon.downstream.recipes import Profile
 
 
 def autocast_for(device: torch.device):

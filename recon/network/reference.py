@@ -1,4 +1,4 @@
-"""Name mapping between reference ReCon state dicts and ``recon.model`` modules.
+"""Name mapping between reference ReCon state dicts and ``recon.network.model`` modules.
 
 Reference pretraining keys look like ``MAE_encoder.blocks.blocks.0.attn_contrast.kv.weight``,
 ``MAE_decoder.*``, ``increase_dim.0.*``, ``img_proj.*``, ``mask_token``; fine-tuning keys
@@ -219,7 +219,7 @@ def convert_reference_checkpoint(src: str | PathLike, dst: str | PathLike,
                          "directly (only pretraining checkpoints convert to model.pt)")
     ours = reference_to_ours(reference, kind)
     config = config_from_state_dict(ours, num_heads)
-    from recon.trainstate import save_atomic
+    from recon.runtime.trainstate import save_atomic
 
     save_atomic(Path(dst), {"model": ours, "config": config, "source": str(src)})
     return config

@@ -6,7 +6,7 @@
   absent from both the prediction and the truth counts 1.0.
 - Instance mIoU: mean over shapes. Class mIoU: mean over categories of their shapes' mean.
 
-Figures are in percent (fraction × 100), as the classification accuracy of ``recon.finetune``.
+Figures are in percent (fraction × 100), as the classification accuracy of ``recon.downstream.finetune``.
 The reference reports fractions, and its class mIoU averages all 16 categories (NaN when one has
 no test shape); here it averages the categories present, which is the same on ShapeNetPart's test
 split (every category has test shapes).

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from recon import losses as L
-from recon.pointops import group_points
+from recon.network import losses as L
+from recon.network.pointops import group_points
 
 VARIANTS: dict[str, dict] = {
     "tiny": dict(trans_dim=192, num_heads=3, decoder_num_heads=3),
@@ -421,7 +421,7 @@ class ReConDecoder(nn.Module):
 class ReConPretrain(nn.Module):
     """Pretraining student: encoder, MAE decoder + rebuild head, img/text projections.
 
-    ``target_stats`` (a :class:`recon.targets.TargetStats`, not part of the state dict, saved beside
+    ``target_stats`` (a :class:`recon.pretraining.targets.TargetStats`, not part of the state dict, saved beside
     it in checkpoints) is set when the projections were trained against standardised targets;
     :meth:`zero_shot_features` then maps them back into the teachers' spaces."""
 

@@ -6,8 +6,8 @@ the SPEC recipes; any field can be overridden. The recipe: AdamW (wd 0.05, none 
 warm-up + cosine per epoch as the reference (per step: ``schedule: step``, the demo's), head and
 [CLS] at 10x lr, grad-norm clip 10, drop path 0.2.
 
-Data, sampling and augmentation: ``recon/cls_data.py``; weights in and out: ``recon/weights.py``;
-inference: ``recon/inference.py``; metrics and plots: ``recon/metrics.py``.
+Data, sampling and augmentation: ``recon/downstream/cls_data.py``; weights in and out: ``recon/downstream/weights.py``;
+inference: ``recon/downstream/inference.py``; metrics and plots: ``recon/downstream/metrics.py``.
 
 Honest reporting: the reported model is the last epoch, or the epoch of best accuracy on a
 validation split carved from the training split (``val_fraction``); the test split is looked
@@ -16,11 +16,10 @@ at once, after training. A ``seeds`` sweep reports mean ± std (ddof 0) over the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,149 +30,17 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from pipeline import layout
-from recon import trainstate
-from recon.cls_data import AUGMENTATIONS, ClsData, TrainSet, prepare, stratified_split
-from recon.distributed import Dist, pick_device
-from recon.inference import autocast_for, evaluate_classifier, predict_logits
-from recon.metrics import accuracy, write_confusion
-from recon.model import ReConClassifier
-from recon.optim import SCHEDULES, Schedule, adamw, set_lr
-from recon.weights import InitSource, build_classifier, save_model
+from recon.downstream.cls_data import ClsData, TrainSet, prepare, stratified_split
+from recon.downstream.inference import autocast_for, evaluate_classifier, predict_logits
+from recon.downstream.metrics import accuracy, write_confusion
+from recon.downstream.recipes import RUNTIME_ONLY, FinetuneParams
+from recon.downstream.weights import InitSource, build_classifier, save_model
+from recon.network.model import ReConClassifier
+from recon.runtime import trainstate
+from recon.runtime.distributed import Dist, pick_device
+from recon.runtime.optim import Schedule, adamw, set_lr
 
-PROTOCOLS = ("full", "mlp3", "linear")   # ReConClassifier head kinds
-BOOSTED = ("head.", "encoder.cls_token", "encoder.cls_pos")
-
-
-# ----------------------------------------------------------------------------- profiles
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A dataset recipe (SPEC "Fine-tuning and evaluation"; few-shot from the reference config)."""
-
-    n_points: int
-    num_group: int
-    group_size: int
-    lr: float
-    epochs: int
-    warmup_epochs: int
-    batch_size: int
-    drop_path: float
-    augment: str           # training augmentation
-    vote_augment: str      # augmentation of the voting passes
-    normalize: bool        # centre + unit sphere before sampling (ModelNet: yes; ScanObjectNN: no)
-    schedule: str = "epoch"  # learning-rate granularity: "epoch" (the reference) or "step"
-
-
-# Voting as the reference runner's ``validate_vote``/``test_vote``: ModelNet scales, ScanObjectNN
-# PB_T50_RS ("hardest") rotates, every other dataset (OBJ_BG, OBJ_ONLY, few-shot) only resamples.
-# Training: ModelNet scales and translates, every other dataset rotates.
-_SCANOBJECTNN = Profile(2048, 128, 32, 2e-5, 300, 10, 32, 0.2, "rotate", "none", False)
-PROFILES: dict[str, Profile] = {
-    "scanobjectnn": dataclasses.replace(_SCANOBJECTNN, vote_augment="rotate"),  # = scanobjectnn-hardest
-    "scanobjectnn-hardest": dataclasses.replace(_SCANOBJECTNN, vote_augment="rotate"),   # PB_T50_RS
-    "scanobjectnn-objbg": _SCANOBJECTNN,
-    "scanobjectnn-objonly": _SCANOBJECTNN,
-    "modelnet40": Profile(1024, 64, 32, 1e-5, 300, 10, 32, 0.2, "scale_translate", "scale", True),
-    "modelnet40-8k": Profile(8192, 512, 32, 1e-5, 300, 10, 32, 0.2, "scale_translate", "scale", True),
-    # reference cfgs/full/fewshot.yaml: lr 5e-4, 150 epochs, drop path 0.1; its runner rotates
-    # (the few-shot dataset is not named "ModelNet", so it gets the non-ModelNet augmentation)
-    "fewshot": Profile(1024, 64, 32, 5e-4, 150, 10, 32, 0.1, "rotate", "none", True),
-    # the embedded demo: a short, larger-lr schedule stepped per optimiser step (not a paper recipe)
-    "demo": Profile(1024, 64, 32, 2e-4, 20, 2, 16, 0.2, "scale_translate", "scale", True, "step"),
-}
-#: part segmentation (``recon/partseg_finetune.py``): the reference's ShapeNetPart recipe (batch 16,
-#: 300 epochs, lr 1e-4 with the new layers at 10x, 10 warm-up epochs, 2,048 points, 128 groups of
-#: 32, drop path 0.1, no voting), and the demo's, small enough for a minute on two CPU cores
-PARTSEG_PROFILES: dict[str, Profile] = {
-    "shapenetpart": Profile(2048, 128, 32, 1e-4, 300, 10, 16, 0.1, "scale_shift", "none", False),
-    "demo-partseg": Profile(256, 16, 32, 1e-3, 5, 1, 16, 0.1, "scale_shift", "none", False, "step"),
-}
-SEG_AUGMENTATIONS = ("none", "scale_shift")   # scale_shift: recon.partseg_data.scale_and_translate
-#: the ScanObjectNN variant (``pipeline/convert.py``) each ScanObjectNN profile is the recipe for
-SCANOBJECTNN_VARIANTS = {"scanobjectnn": "PB_T50_RS", "scanobjectnn-hardest": "PB_T50_RS",
-                         "scanobjectnn-objbg": "OBJ_BG", "scanobjectnn-objonly": "OBJ_ONLY"}
-
-
-@dataclass
-class FinetuneParams:
-    profile: str = "demo"
-    store: str = layout.default(layout.DEMO_STORE)
-    init: str = layout.default(layout.PRETRAINED)  # our model.pt / epoch checkpoint, a reference .pth, or "scratch"
-    variant: str = "tiny"                    # architecture when init is "scratch"
-    model: dict = field(default_factory=dict)  # ReConConfig overrides
-    seg: dict = field(default_factory=dict)    # PartSegConfig overrides (part segmentation)
-    protocol: str = "full"                   # full | mlp3 | linear
-    # None: the profile's value
-    n_points: int | None = None
-    num_group: int | None = None
-    group_size: int | None = None
-    lr: float | None = None
-    epochs: int | None = None
-    warmup_epochs: int | None = None
-    batch_size: int | None = None
-    drop_path: float | None = None
-    augment: str | None = None
-    vote_augment: str | None = None
-    normalize: bool | None = None
-    schedule: str | None = None
-    weight_decay: float = 0.05
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
-    head_lr_scale: float = 10.0
-    grad_clip: float = 10.0
-    votes: int = 10
-    val_fraction: float = 0.0                # > 0: select the epoch by accuracy on a validation split
-    seed: int = 0
-    seeds: list[int] | None = None           # a sweep: mean ± std over these seeds
-    eval_batch: int = 64
-    loader_workers: int = 0
-    device: str = "auto"
-    keep_last: int = 2
-    max_steps: int | None = None             # stop early (smoke tests)
-
-    @property
-    def task(self) -> str:
-        """``partseg`` for a part-segmentation profile, else ``classification``."""
-        return "partseg" if self.profile in PARTSEG_PROFILES else "classification"
-
-    def recipe(self) -> Profile:
-        """The profile with this run's overrides applied."""
-        profiles = {**PROFILES, **PARTSEG_PROFILES}
-        if self.profile not in profiles:
-            raise ValueError(f"unknown profile {self.profile!r}; choose from {list(profiles)}")
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose from {list(PROTOCOLS)}")
-        if self.task == "partseg" and self.protocol != "full":
-            raise ValueError(f"part segmentation fine-tunes everything (protocol full), not {self.protocol!r}")
-        base = profiles[self.profile]
-        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(Profile)
-                   if getattr(self, f.name) is not None}
-        recipe = dataclasses.replace(base, **changes)
-        allowed = SEG_AUGMENTATIONS if self.task == "partseg" else AUGMENTATIONS
-        for kind in (recipe.augment, recipe.vote_augment):
-            if kind not in allowed:
-                raise ValueError(f"unknown augmentation {kind!r}; choose from {allowed}")
-        if recipe.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {recipe.schedule!r}; choose from {SCHEDULES}")
-        return recipe
-
-    def check_store(self, store_params: dict) -> None:
-        """Refuse a ScanObjectNN profile on a store of another ScanObjectNN variant: the variants
-        vote differently (the reference rotates only PB_T50_RS)."""
-        want = SCANOBJECTNN_VARIANTS.get(self.profile)
-        have = store_params.get("variant") if store_params.get("format") == "scanobjectnn" else None
-        if want and have and have != want:
-            choices = [k for k, v in SCANOBJECTNN_VARIANTS.items() if v == have]
-            raise ValueError(f"profile {self.profile!r} is the {want} recipe but the store holds {have}: "
-                             f"use profile {choices[-1]!r}")
-
-    def seed_list(self) -> list[int]:
-        return list(self.seeds) if self.seeds else [self.seed]
-
-
-RUNTIME_ONLY = ("device", "loader_workers", "keep_last", "max_steps", "eval_batch", "votes", "seeds", "seed", "store")
+BOOSTED = ("head.", "encoder.cls_token", "encoder.cls_pos")   # trained at head_lr_scale x lr
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -286,8 +153,8 @@ class FinetuneResult:
 
 
 #: the modules whose source decides what fine-tuning computes (dvc.yaml lists them as deps too)
-TRAINING_CODE = ("recon.model", "recon.pointops", "recon.data", "recon.optim", "recon.checkpoint", "recon.finetune",
-                 "recon.cls_data", "recon.weights", "recon.inference", "recon.metrics")
+TRAINING_CODE = ("recon.network.model", "recon.network.pointops", "recon.pretraining.data", "recon.runtime.optim", "recon.network.reference", "recon.downstream.finetune",
+                 "recon.downstream.cls_data", "recon.downstream.weights", "recon.downstream.inference", "recon.downstream.metrics")
 
 
 def run_identity(p: FinetuneParams, seed: int, store_fingerprint: Any, init: InitSource | None = None,

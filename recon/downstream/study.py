@@ -26,14 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from recon import trainstate
-from recon.cls_data import ClsData, eval_clouds, load_classification
-from recon.data import open_pretrain_stores
-from recon.evaluate import FewshotSettings, batched, fewshot_eval, knn_probe, svm_accuracy
-from recon.finetune import FinetuneParams, finetune
-from recon.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
-from recon.pretrain import PretrainParams, build_model, calibration_clouds, train
-from recon.weights import InitSource
+from recon.downstream.cls_data import ClsData, eval_clouds, load_classification
+from recon.downstream.evaluate import FewshotSettings, fewshot_eval
+from recon.downstream.finetune import finetune
+from recon.downstream.recipes import FinetuneParams
+from recon.downstream.weights import InitSource
+from recon.network.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
+from recon.pretraining.data import open_pretrain_stores
+from recon.pretraining.probes import batched, knn_probe, svm_accuracy
+from recon.pretraining.trainer import PretrainParams, build_model, calibration_clouds, train
+from recon.runtime import trainstate
 
 #: arm -> PretrainParams overrides (None: no pretraining)
 ARMS: dict[str, dict | None] = {
@@ -118,7 +120,7 @@ def mean_std(values: list[float]) -> dict[str, Any]:
 
 def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str, tuple[ClsData, ClsData]],
                  log=print) -> dict[str, Any]:
-    from recon.distributed import pick_device
+    from recon.runtime.distributed import pick_device
 
     device = pick_device(p.device)
     init = InitSource(model.state_dict(), trainstate.jsonable(model.cfg), f"study arm {arm}")
@@ -148,8 +150,8 @@ def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, An
     data = {name: (load_classification(path, "train"), load_classification(path, "test"))
             for name, path in p.stores.items()}
     identity = {"study": trainstate.jsonable(p), "code": trainstate.code_fingerprint(
-        "recon.study", "recon.pretrain", "recon.monitor", "recon.targets", "recon.model", "recon.finetune",
-        "recon.cls_data", "recon.weights", "recon.inference", "recon.metrics", "recon.evaluate")}
+        "recon.downstream.study", "recon.pretraining.trainer", "recon.pretraining.monitor", "recon.pretraining.targets", "recon.network.model", "recon.downstream.finetune",
+        "recon.downstream.cls_data", "recon.downstream.weights", "recon.downstream.inference", "recon.downstream.metrics", "recon.downstream.evaluate")}
     results: dict[str, Any] = {}
     for arm in p.arms:
         done = out / arm / "result.json"

@@ -1,11 +1,11 @@
-"""Fine-tuning part segmentation (ShapeNetPart, the demo's parts) with the loop of ``recon.finetune``.
+"""Fine-tuning part segmentation (ShapeNetPart, the demo's parts) with the loop of ``recon.downstream.finetune``.
 
 The reference recipe (``segmentation/main.py``; profile ``shapenetpart``): train on train + val,
 score on test; every training item redraws ``n_points`` points with replacement from the stored
-cloud and is scaled and shifted (``recon.partseg_data``); loss = cross entropy over all parts;
+cloud and is scaled and shifted (``recon.downstream.partseg_data``); loss = cross entropy over all parts;
 AdamW with the new layers (``ReConPartSeg.lr_boost_names``) at 10x the learning rate; warm-up +
 cosine per epoch. A prediction is the argmax over the shape's category parts; instance mIoU,
-class mIoU and per-category mIoU as ``recon.partseg_metrics``. The test mIoU is recorded in the
+class mIoU and per-category mIoU as ``recon.downstream.partseg_metrics``. The test mIoU is recorded in the
 history after every epoch (as the reference prints it) but never selects anything: the reported
 model is the last epoch's.
 """
@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline import layout
-from recon import trainstate
-from recon.distributed import Dist, pick_device
-from recon.finetune import FinetuneParams, FinetuneResult, Profile, train_task
-from recon.inference import evaluating
-from recon.model import ReConConfig
-from recon.partseg import PartSegConfig, ReConPartSeg, load_encoder
-from recon.partseg_data import SegData, SegTrainSet
-from recon.partseg_metrics import miou_summary, plot_parts, restrict_to_category, shape_ious
-from recon.weights import InitSource, classifier_config
+from recon.downstream.finetune import FinetuneResult, train_task
+from recon.downstream.inference import evaluating
+from recon.downstream.partseg_data import SegData, SegTrainSet
+from recon.downstream.partseg_metrics import miou_summary, plot_parts, restrict_to_category, shape_ious
+from recon.downstream.partseg_net import PartSegConfig, ReConPartSeg, load_encoder
+from recon.downstream.recipes import FinetuneParams, Profile
+from recon.downstream.weights import InitSource, classifier_config
+from recon.network.model import ReConConfig
+from recon.runtime import trainstate
+from recon.runtime.distributed import Dist, pick_device
 
 PICTURE = "parts.png"
 PICTURE_SHAPES = 4
@@ -80,10 +80,10 @@ def evaluate_partseg(model: nn.Module, test: SegData, n_points: int, batch: int 
 
 
 class PartSegTask:
-    """Part segmentation for ``recon.finetune.train_task``."""
+    """Part segmentation for ``recon.downstream.finetune.train_task``."""
 
     name = "partseg"
-    code = ("recon.partseg", "recon.partseg_data", "recon.partseg_metrics", "recon.partseg_finetune")
+    code = ("recon.downstream.partseg_net", "recon.downstream.partseg_data", "recon.downstream.partseg_metrics", "recon.downstream.partseg_finetune")
     selection_key, selection_name = None, "last epoch"
 
     def __init__(self, p: FinetuneParams, train: SegData, test: SegData | None, seed: int,
@@ -177,12 +177,3 @@ def load_partseg_model(path: str | Path, map_location: str = "cpu") -> tuple[ReC
                          PartSegConfig(**ckpt["seg"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
-
-
-@dataclasses.dataclass
-class PartSegParams(FinetuneParams):
-    """``FinetuneParams`` with part-segmentation defaults (the demo's parts store and recipe)."""
-
-    profile: str = "demo-partseg"
-    store: str = layout.default(layout.DEMO_PARTS_STORE)
-    votes: int = 0                           # no voting in part segmentation

@@ -5,7 +5,7 @@ One readable loop: AdamW with the reference parameter groups, warm-up + cosine s
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
 epoch, exact resume, a non-finite-loss guard. Targets can be standardised with train-split
-statistics (``target_norm: store``, recon/targets.py); every epoch, recon/monitor.py measures the
+statistics (``target_norm: store``, recon/pretraining/targets.py); every epoch, recon/pretraining/monitor.py measures the
 losses on fixed train and test shapes against their mean-target baselines and probes the features
 against the same network at random init (history.csv).
 """
@@ -16,8 +16,8 @@ import dataclasses
 import json
 import math
 import os
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from recon import trainstate
-from recon.cudagraph import GraphedForwardBackward
-from recon.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
-from recon.distributed import Dist, setup, teardown
-from recon.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
-from recon.monitor import PretrainMonitor
-from recon.optim import Schedule, adamw, set_lr
-from recon.targets import TARGET_NORMS, compute_target_stats
+from recon.network.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
+from recon.pretraining.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
+from recon.pretraining.monitor import PretrainMonitor
+from recon.pretraining.targets import TARGET_NORMS, compute_target_stats
+from recon.runtime import trainstate
+from recon.runtime.cudagraph import GraphedForwardBackward
+from recon.runtime.distributed import Dist, setup, teardown
+from recon.runtime.optim import Schedule, adamw, set_lr
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
 #: parameter names of the distillation side (with stop-grad, only the distillation losses train them)
@@ -68,7 +68,7 @@ class PretrainParams:
     bn_recalibrate: int = 0        # > 0: re-estimate BatchNorm running stats on this many train clouds each epoch
     query_lr_scale: float = 1.0    # lr multiplier of the query branch, query tokens and projections (distillation side)
     seed: int = 0
-    loader_workers: int | str = "auto"  # "auto": none on CPU, up to 4 per GPU process (recon.data.loader_workers)
+    loader_workers: int | str = "auto"  # "auto": none on CPU, up to 4 per GPU process (recon.pretraining.data.loader_workers)
     device: str = "auto"
     compile: bool = False
     cuda_graph: bool = False       # replay forward + backward (compiled or not) as one CUDA graph, one GPU
@@ -277,8 +277,8 @@ RUNTIME_ONLY = ("device", "loader_workers", "compile", "cuda_graph", "keep_last"
 
 
 #: the modules whose source decides what training computes or records (dvc.yaml lists them as deps too)
-TRAINING_CODE = ("recon.model", "recon.losses", "recon.pointops", "recon.data", "recon.optim", "recon.cudagraph",
-                 "recon.targets", "recon.monitor", "recon.pretrain")
+TRAINING_CODE = ("recon.network.model", "recon.network.losses", "recon.network.pointops", "recon.pretraining.data", "recon.runtime.optim", "recon.runtime.cudagraph",
+                 "recon.pretraining.targets", "recon.pretraining.monitor", "recon.pretraining.trainer")
 
 
 def run_identity(p: PretrainParams, stores) -> dict:

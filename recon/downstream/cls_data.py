@@ -17,21 +17,17 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from pipeline.store import open_store
-from recon.data import normalize, rotate_up
-from recon.pointops import fps_indices
-
-if TYPE_CHECKING:
-    from recon.finetune import Profile
+from recon.downstream.recipes import Profile
+from recon.network.pointops import fps_indices
+from recon.pretraining.data import normalize, rotate_up
 
 SUPERSET = {1024: 1200, 2048: 2400, 4096: 4800, 8192: 8192}
-AUGMENTATIONS = ("none", "rotate", "scale", "scale_translate")
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _read_rows(array, rows: np.ndarray, dtype) -> np.ndarray:
 
 def load_partseg(path: str | Path, splits: str | list[str]) -> SegData:
     """The ok rows of ``splits`` (one name or several, e.g. ``["train", "val"]``) of a store
-    written by ``pipeline.partseg``, in store order. StoreError when the store is not a
+    written by ``pipeline.partseg_store``, in store order. StoreError when the store is not a
     part-segmentation store, ValueError when a split is not in it."""
     store = open_store(path)
     if store.params.get("task") != "partseg":

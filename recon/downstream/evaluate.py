@@ -22,15 +22,14 @@ import numpy as np
 import torch
 
 from pipeline.store import StoreError, open_store
-from recon.cls_data import ClsData, eval_clouds, load_classification
-from recon.finetune import FinetuneParams, finetune
-from recon.metrics import per_class_accuracy
-from recon.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
-from recon.targets import TargetStats
-from recon.weights import InitSource, load_init
-
-SVM_C = 0.075
-
+from recon.downstream.cls_data import ClsData, eval_clouds, load_classification
+from recon.downstream.finetune import finetune
+from recon.downstream.metrics import per_class_accuracy
+from recon.downstream.recipes import FinetuneParams
+from recon.downstream.weights import InitSource, load_init
+from recon.network.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
+from recon.pretraining.probes import SVM_C, batched, svm_accuracy, unit_rows
+from recon.pretraining.targets import TargetStats
 
 # ----------------------------------------------------------------------------- model + features
 
@@ -58,16 +57,6 @@ def pretrain_from_init(init: InitSource) -> ReConPretrain:
     return model.eval()
 
 
-def random_init_like(model: ReConPretrain, seed: int = 0) -> ReConPretrain:
-    """The same architecture and configuration at random init, seeded (the global RNG is left as it
-    was): the baseline a pretrained encoder has to beat."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        baseline = type(model)(model.cfg).eval()
-    baseline.target_stats = model.target_stats    # the same map back into teacher space (zero-shot)
-    return baseline
-
-
 def baseline_batchnorm(model: ReConPretrain, train: ClsData | None, n_points: int, normalize: bool, count: int,
                        seed: int, device: torch.device | str = "cpu") -> int:
     """Re-estimate a random-init network's BatchNorm statistics on ``count`` train clouds (a seeded
@@ -82,29 +71,7 @@ def baseline_batchnorm(model: ReConPretrain, train: ClsData | None, n_points: in
     return len(rows)
 
 
-@torch.no_grad()
-def batched(fn, clouds: np.ndarray, batch: int, device: torch.device | str) -> list[np.ndarray]:
-    """Apply ``fn`` (returning a tensor or a tuple of tensors) batch-wise; concatenated numpy outputs."""
-    outs: list[list[np.ndarray]] = []
-    for i in range(0, len(clouds), batch):
-        res = fn(torch.from_numpy(np.ascontiguousarray(clouds[i:i + batch])).to(device))
-        res = res if isinstance(res, tuple) else (res,)
-        outs.append([r.float().cpu().numpy() for r in res])
-    return [np.concatenate(parts) for parts in zip(*outs)]
-
-
 # ----------------------------------------------------------------------------- SVM
-
-
-def svm_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 C: float = SVM_C, seed: int = 0) -> tuple[float, float]:
-    """(train accuracy, test accuracy) in % of ``LinearSVC(C)`` fitted on the train features."""
-    from sklearn.svm import LinearSVC
-
-    clf = LinearSVC(C=C, random_state=seed)
-    clf.fit(train_x, train_y)
-    return (float((clf.predict(train_x) == train_y).mean() * 100),
-            float((clf.predict(test_x) == test_y).mean() * 100))
 
 
 def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int = 1024,
@@ -123,22 +90,6 @@ def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int 
             "train_acc_standardized": std_train, "test_acc_standardized": std_test,
             "C": C, "feature_dim": int(feats["train"].shape[1]),
             "train_shapes": len(train), "test_shapes": len(test), "n_points": n_points}
-
-
-def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              k: int = 5, center: bool = False) -> float:
-    """Cosine k-NN accuracy (fraction) of test features against train features, majority vote;
-    ``center`` subtracts the train features' mean first (a common offset then no longer dominates
-    every cosine)."""
-    if not len(test_y):
-        return float("nan")
-    if center:
-        mean = train_x.mean(axis=0, keepdims=True)
-        train_x, test_x = train_x - mean, test_x - mean
-    sim = _unit(test_x) @ _unit(train_x).T
-    nearest = np.argsort(-sim, axis=1)[:, :min(k, len(train_y))]
-    pred = np.array([np.bincount(votes).argmax() for votes in train_y[nearest]])
-    return float((pred == test_y).mean())
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -163,15 +114,11 @@ def shares_text_space(image_params: dict | None, text_params: dict) -> bool:
     return image_t.startswith("open_clip:") and text_t.startswith("open_clip:") and image_t == text_t
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def zero_shot_scores(img: np.ndarray | None, txt: np.ndarray, class_feats: np.ndarray,
                      ratio: float = 0.25, use_image: bool = False) -> np.ndarray:
     """Cosine similarity [N, K] of the shape features with the class text features."""
     shape = img + ratio * txt if use_image else txt
-    return _unit(shape) @ _unit(class_feats).T
+    return unit_rows(shape) @ unit_rows(class_feats).T
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
