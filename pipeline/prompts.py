@@ -1,14 +1,17 @@
 """Text-teacher prompt templates: 20 prefixes x 3 suffixes = 60 per category (SPEC, teacher targets).
 
-A prompt is ``prefix + name + suffix``, where ``name`` is the category name or, when a descriptions
-file gives one, that category's own text (keyed by category name or by ShapeNet synset id, as the
-reference's description records are). Templates are ordered prefix-major:
+A prompt is ``prefix + name + suffix``, where ``name`` is the category's own text when a
+descriptions file gives one (keyed by category name or by ShapeNet synset id, as the reference's
+description records are), otherwise the category name as words (`readable_name`: folder names
+such as ``NonWheelChair`` or ``Musical_Instrument`` become "non wheel chair", "musical
+instrument"; ShapeNet's taxonomy names are words already). Templates are ordered prefix-major:
 ``templates()[p * len(SUFFIXES) + s] == PREFIXES[p] + "{}" + SUFFIXES[s]``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,23 +32,36 @@ def templates() -> list[str]:
     return [p + "{}" + s for p in PREFIXES for s in SUFFIXES]
 
 
+_WORD_BREAKS = re.compile(r"(?<=[a-z0-9])(?=[A-Z])"          # camelCase / PascalCase
+                          r"|(?<=[A-Z])(?=[A-Z][a-z])"       # an acronym before a word: RCCar
+                          r"|(?<=[A-Za-z])(?=[0-9])|(?<=[0-9])(?=[A-Za-z])")
+
+
+def readable_name(category: str) -> str:
+    """A category or folder name as the words a text teacher reads: underscores and case changes
+    become spaces, lower case ('NonWheelChair' -> 'non wheel chair', 'Musical_Instrument' ->
+    'musical instrument', 'airplane' and 'trash can' unchanged)."""
+    words = _WORD_BREAKS.sub(" ", re.sub(r"[_\s]+", " ", category)).split()
+    return " ".join(words).lower() or category
+
+
 def prompts_for(category: str, descriptions: Mapping[str, str] | None = None) -> list[str]:
-    """The 60 prompts for a category; its description (if given) replaces the bare name."""
-    name = descriptions.get(category, category) if descriptions else category
+    """The 60 prompts for a category; its description (if given) replaces its readable name."""
+    name = descriptions.get(category, readable_name(category)) if descriptions else readable_name(category)
     return [t.format(name) for t in templates()]
 
 
 def category_texts(categories: list[str], synsets: list[str], descriptions: Mapping[str, str],
                    source: str = "descriptions") -> list[str]:
-    """The text of each category: its description looked up by name, then by synset id, else the
-    name itself. A non-empty ``descriptions`` that matches no category at all is an error (a
+    """The text of each category: its description looked up by name, then by synset id, else its
+    `readable_name`. A non-empty ``descriptions`` that matches no category at all is an error (a
     file for another dataset, or keys in another form, would otherwise be silently ignored)."""
     if len(categories) != len(synsets):
         raise ValueError("one synset id per category is needed (use '' when there is none)")
     texts, matched = [], set()
     for name, synset in zip(categories, synsets):
         key = name if name in descriptions else synset if synset and synset in descriptions else None
-        texts.append(descriptions[key] if key is not None else name)
+        texts.append(descriptions[key] if key is not None else readable_name(name))
         if key is not None:
             matched.add(key)
     if descriptions and not matched:

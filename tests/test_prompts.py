@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prompts import PREFIXES, SUFFIXES, category_texts, load_descriptions, prompts_for, templates
+from pipeline.prompts import (PREFIXES, SUFFIXES, category_texts, load_descriptions, prompts_for,
+                              readable_name, templates)
 
 
 def test_templates_count_and_order() -> None:
@@ -56,3 +57,14 @@ def test_descriptions_are_found_by_name_or_synset_id(tmp_path: Path) -> None:
         category_texts(["ball", "box"], ["", ""], described)          # matches nothing: an error, not ignored
     with pytest.raises(ValueError, match="one synset id per category"):
         category_texts(["ball", "box"], [""], {})
+
+
+def test_folder_names_become_words_a_text_teacher_reads() -> None:
+    cases = {"NonWheelChair": "non wheel chair", "Musical_Instrument": "musical instrument",
+             "airplane": "airplane", "trash can": "trash can", "RCCar": "rc car", "Chair2": "chair 2",
+             "ash-bin": "ash-bin", "  Potted__Plant ": "potted plant", "TV": "tv"}
+    assert {name: readable_name(name) for name in cases} == cases
+    # the default text of a category without a description, in the prompts and the store's texts
+    assert category_texts(["NonWheelChair", "chair"], ["", "03001627"], {}) == ["non wheel chair", "chair"]
+    assert prompts_for("Musical_Instrument")[1] == "musical instrument with white background."
+    assert category_texts(["NonWheelChair"], [""], {"NonWheelChair": "a chair without wheels"}) == ["a chair without wheels"]
