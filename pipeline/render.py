@@ -290,22 +290,27 @@ def render_views(path: str | os.PathLike, cfg: RenderConfig | None = None) -> np
     return render_scene(load_scene(path), cfg)
 
 
-def contact_sheet(images: list[np.ndarray], labels: list[str], columns: int = 8) -> Image.Image:
-    """A labelled grid of HxWx3 uint8 images (white background, default PIL font)."""
+def contact_sheet(images: list[np.ndarray], labels: list[str], columns: int = 8,
+                  tile: int | None = None) -> Image.Image:
+    """A labelled grid of HxWx3 uint8 images (white background, default PIL font); ``tile`` scales
+    every image to that many pixels a side first (keeps a large grid on a screen)."""
     if not images:
         raise ValueError("no images")
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    columns = max(1, min(columns, len(images)))
-    rows = -(-len(images) // columns)
-    h = max(im.shape[0] for im in images)
-    w = max(im.shape[1] for im in images)
+    pictures = [Image.fromarray(np.asarray(im, dtype=np.uint8)[..., :3]) for im in images]
+    if tile:
+        pictures = [p.resize((tile, tile), Image.Resampling.BILINEAR) for p in pictures]
+    columns = max(1, min(columns, len(pictures)))
+    rows = -(-len(pictures) // columns)
+    h = max(p.height for p in pictures)
+    w = max(p.width for p in pictures)
     label_h = 14
     sheet = Image.new("RGB", (columns * w, rows * (h + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    for i, (im, label) in enumerate(zip(images, labels)):
+    for i, (picture, label) in enumerate(zip(pictures, labels)):
         x, y = (i % columns) * w, (i // columns) * (h + label_h)
-        sheet.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)[..., :3]), (x, y))
+        sheet.paste(picture, (x, y))
         draw.text((x + 2, y + h + 1), str(label), fill=(0, 0, 0), font=font)
     return sheet

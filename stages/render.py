@@ -65,18 +65,40 @@ def run(p: RenderParams, shapes: Path | None = None, out: Path | None = None) ->
     return out
 
 
-def write_preview(store_path: Path, table, png: Path, per_category: int = 4) -> Path:
-    """A labelled contact sheet: the first view of a few ok shapes per category."""
+def write_preview(store_path: Path, table, png: Path, per_category: int = 4, max_categories: int = 12,
+                  tile: int = 128) -> Path:
+    """A contact sheet that fits a screen: the first view of ``per_category`` ok shapes (the first
+    ones in table order) of at most ``max_categories`` categories (all of them when there are
+    few, else an even spread over the sorted names), one row per category, tiles of ``tile``
+    pixels labelled by category and shape id: at most 12 x 4 tiles of 128 px by default."""
     from pipeline.render import contact_sheet
 
     store = open_store(store_path)
+    rows_by_category: dict[str, list[tuple[int, dict]]] = {}
+    for i, row in enumerate(table.iter_rows(named=True)):
+        if store.ok[i]:
+            rows_by_category.setdefault(row["category"], []).append((i, row))
+    categories = sorted(rows_by_category)
+    if len(categories) > max_categories:
+        picks = np.linspace(0, len(categories) - 1, max_categories).round().astype(int)
+        categories = [categories[k] for k in picks]
     images, labels = [], []
-    ok_rows = [(i, row) for i, row in enumerate(table.iter_rows(named=True)) if store.ok[i]]
-    for category in sorted({row["category"] for _, row in ok_rows}):
-        for i, row in [(i, r) for i, r in ok_rows if r["category"] == category][:per_category]:
+    for category in categories:
+        for i, row in rows_by_category[category][:per_category]:
             images.append(np.asarray(store["images"][i, 0]))
-            labels.append(f"{category} {row['id'].split('-')[-1][:8]}")
+            labels.append(preview_label(category, row["id"], tile))
     if images:
-        contact_sheet(images, labels, columns=per_category).save(png)
-        console.print(f"preview: {png}")
+        contact_sheet(images, labels, columns=per_category, tile=tile).save(png)
+        shown = f"{len(categories)} of {len(rows_by_category)} categories" if len(rows_by_category) > len(categories) \
+            else f"{len(categories)} categories"
+        console.print(f"preview: {png} ({shown})")
     return png
+
+
+def preview_label(category: str, shape_id: str, tile: int) -> str:
+    """``category id`` cut to the tile's width (about 6 px a character); the id loses its
+    ``<category>-`` or ``<synset>-`` prefix, so what shows is the part that tells shapes apart."""
+    short = shape_id.split("-", 1)[1] if "-" in shape_id else shape_id
+    text = f"{category} {short}"
+    width = max(4, tile // 6)
+    return text if len(text) <= width else text[:width - 1] + "…"

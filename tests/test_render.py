@@ -155,3 +155,39 @@ def test_contact_sheet() -> None:
     assert sheet.size[1] >= 3 * 40 and sheet.size[1] < 3 * 70
     with pytest.raises(ValueError):
         contact_sheet(images, ["x"], columns=3)
+
+
+def test_contact_sheet_scales_tiles() -> None:
+    images = [np.full((224, 224, 3), i * 20, dtype=np.uint8) for i in range(6)]
+    sheet = contact_sheet(images, [str(i) for i in range(6)], columns=3, tile=64)
+    assert sheet.size == (3 * 64, 2 * (64 + 14))
+    assert sheet.getpixel((64 + 30, 30)) == (20, 20, 20)          # the second image, scaled
+
+
+def test_renders_preview_fits_a_screen_for_many_categories(tmp_path: Path) -> None:
+    """69 categories (as a real corpus) give a sample of 12 rows, spread over the sorted names,
+    labelled by shape id (not a file stem), on a sheet a screen shows whole."""
+    import polars as pl
+
+    from pipeline.store import ArraySpec, StoreWriter
+    from stages.render import write_preview
+
+    categories = [f"Class{c:02d}" for c in range(69)]
+    ids = [f"{c}-m{c[-2:]}{k}" for c in categories for k in range(5)]
+    table = pl.DataFrame({"id": ids, "category": [i.split("-")[0] for i in ids]})
+    images = np.stack([np.full((1, 32, 32, 3), (n * 7) % 250, np.uint8) for n in range(len(ids))])
+    writer = StoreWriter.open(tmp_path / "renders.zarr", ids, {"images": ArraySpec((1, 32, 32, 3), "uint8", 16)}, {})
+    ok = np.ones(len(ids), bool)
+    ok[0] = False                                                 # a failed shape is never shown
+    for block in writer.pending_blocks():
+        writer.write_rows(block, {"images": images[block]}, ok[block])
+    writer.finalise()
+    png = write_preview(tmp_path / "renders.zarr", table, tmp_path / "preview.png", per_category=4)
+    from PIL import Image
+
+    with Image.open(png) as sheet:
+        assert sheet.size == (4 * 128, 12 * (128 + 14))           # 512 x 1704 px
+        assert sheet.getpixel((64, 64)) == (7, 7, 7)               # row 1: Class00's first ok shape (#1)
+    from stages.render import preview_label
+    assert preview_label("Class00", "Class00-m001", 128) == "Class00 m001"
+    assert preview_label("airplane", "02691156-1a04e3eab45ca15dd86060f189eb133", 128) == "airplane 1a04e3eab45…"   # 21 characters
