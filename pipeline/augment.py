@@ -8,6 +8,10 @@ call, so results depend only on the seed and never touch (or read) the global nu
 
 Cutout fill: grey (127, 127, 127), as the reference's ``CutoutAbs`` (about the mid-grey / data mean);
 the patch is exactly 16 x 16 (clipped at the border), centred at a uniformly drawn point.
+
+The embed stage (stages/embed.py ``ViewVariants``) stores A variants per view: variant 0 is the render
+itself (the teacher resizes it as a direct forward would), variant a >= 1 is
+``augment_view(render, variant_seed(seed, shape_id, view, a), teacher input size)``.
 """
 
 from __future__ import annotations
@@ -128,14 +132,6 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image))  # uint8 HxWx3 -> RGB
 
 
-def clean_view(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """The unaugmented view: bicubic resize to size x size (a no-op copy when already that size)."""
-    _check(image)
-    if image.shape[:2] == (size, size):
-        return np.array(image, dtype=np.uint8, copy=True)
-    return np.asarray(_to_pil(image).resize((size, size), Image.Resampling.BICUBIC))
-
-
 def augment_view(image: np.ndarray, seed: int, size: int = 224) -> np.ndarray:
     """One reference augmentation of a uint8 [H, W, 3] RGB image -> uint8 [size, size, 3].
 
@@ -156,14 +152,3 @@ def variant_seed(base_seed: int, shape_id: str, view: int, variant: int) -> int:
     """Stable 63-bit seed for (base_seed, shape, view, variant), independent of PYTHONHASHSEED."""
     key = f"{int(base_seed)}|{shape_id}|{int(view)}|{int(variant)}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def view_variants(image: np.ndarray, shape_id: str, view: int, n_variants: int,
-                  base_seed: int, size: int = 224) -> list[np.ndarray]:
-    """n_variants views: variant 0 is the clean resized image, 1.. are seeded augmentations."""
-    if n_variants < 1:
-        raise ValueError("n_variants must be >= 1")
-    out = [clean_view(image, size)]
-    for v in range(1, n_variants):
-        out.append(augment_view(image, variant_seed(base_seed, shape_id, view, v), size))
-    return out

@@ -1,4 +1,5 @@
-"""Text-teacher prompt templates: 20 prefixes x 3 suffixes = 60 per category (SPEC, teacher targets).
+"""Text-teacher prompt templates: the reference's 20 prefixes x 3 suffixes = 60 per category (the
+embed stage encodes all 60; pretraining draws one per step, zero-shot sums them per category).
 
 A prompt is ``prefix + name + suffix``, where ``name`` is the category's own text when a
 descriptions file gives one (keyed by category name or by ShapeNet synset id, as the reference's

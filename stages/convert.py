@@ -36,9 +36,9 @@ class ConvertParams:
     variant: str = "PB_T50_RS"             # scanobjectnn: OBJ_BG | OBJ_ONLY | PB_T50_RS
     trust_pickle: bool = False             # pointbert-dat / fewshot-pkl are pickles: load only files you trust
     shape_names: str | None = None         # fewshot-pkl: modelnet40_shape_names.txt, to name classes
-    chunk_rows: int = 16
-    device: str = "auto"                   # where FPS runs
-    strict: bool = False
+    chunk_rows: int = 16                   # shapes per store chunk
+    device: str = "auto"                   # where FPS runs: auto | cpu | cuda
+    strict: bool = False                   # exit non-zero when any shape fails
     sampling: str = "subset"               # shapenetpart: subset | with_replacement (the reference's draw)
     seed: int = 0                          # shapenetpart / demo-parts: per-shape seeds of the point choice
 

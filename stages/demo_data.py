@@ -12,9 +12,9 @@ from stages.common import Timer, console
 
 @dataclass
 class DemoParams:
-    out: str = layout.default(layout.DEMO_MESHES)
-    shapes_per_category: int = 24
-    seed: int = 0
+    out: str = layout.default(layout.DEMO_MESHES)  # output folder (ShapeNetCore.v2 layout)
+    shapes_per_category: int = 24                  # procedural meshes per category
+    seed: int = 0                                  # the meshes' random shapes
     categories: list[str] = field(default_factory=list)  # empty: all demo categories
 
 

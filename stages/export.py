@@ -2,7 +2,9 @@
 with onnxruntime (max |logit difference|, must be <= 1e-4): the classifier
 (``cache/finetune/model.pt`` → ``cache/export/classifier.onnx``, report ``cache/metrics/export/check.json``)
 or, for a part-segmentation checkpoint (``cache/partseg/model.pt``; ``points`` + ``category`` in,
-per-point logits out), ``cache/export/partseg.onnx`` with ``cache/metrics/export/partseg_check.json``."""
+per-point logits out), ``cache/export/partseg.onnx`` with ``cache/metrics/export/partseg_check.json``.
+The report dvc.yaml declares is the headline (:func:`headline`); the whole report (file, sizes,
+opset, tolerance) is ``check_details.json`` / ``partseg_check_details.json`` beside it."""
 
 from __future__ import annotations
 
@@ -15,23 +17,33 @@ from pipeline import layout
 from recon.downstream.export import OPSET, check_onnx, check_partseg_onnx, export_onnx, export_partseg_onnx
 from recon.downstream.partseg_finetune import load_partseg_model
 from recon.downstream.weights import load_finetuned
-from recon.runtime import trainstate
-from stages.common import console, load_params, metrics_dir
+from stages.common import build_params, console, metrics_dir, write_metrics
 
 
 @dataclass
 class ExportParams:
-    checkpoint: str = layout.default(layout.FINETUNED)
-    onnx: str = layout.default("export/classifier.onnx")
+    checkpoint: str = layout.default(layout.FINETUNED)  # fine-tuned model.pt (classifier or part segmentation)
+    onnx: str = layout.default("export/classifier.onnx")  # output .onnx file
     n_points: int | None = None      # example input size; None: the fine-tuning recipe's
-    opset: int = OPSET
-    check: bool = True
-    atol: float = 1e-4
-    seed: int = 0
+    opset: int = OPSET               # ONNX opset
+    check: bool = True               # compare with torch in onnxruntime
+    atol: float = 1e-4               # the check's tolerance on |logit difference|
+    seed: int = 0                    # the check's random input
 
 
-def params(overrides: dict | None = None) -> ExportParams:
-    return load_params(ExportParams, "export", overrides)
+def params(overrides: dict | None = None, sets: list[str] | None = None) -> ExportParams:
+    return build_params(ExportParams, "export", overrides, sets)
+
+
+def headline(report: dict) -> dict:
+    """What experiments compare (``check.json``, ``partseg_check.json``): the max |logit difference|
+    between ONNX and torch and whether it is within the tolerance, named by model (``onnx_*``,
+    ``partseg_onnx_*``: one column each in `dvc exp show`); nothing when the check was skipped."""
+    if not isinstance(report.get("max_abs_diff"), (int, float)):
+        return {}
+    prefix = "partseg_onnx_" if report.get("task") == "partseg" else "onnx_"
+    atol = report.get("atol", ExportParams.atol)   # reports from before the tolerance was recorded: the default
+    return {f"{prefix}max_abs_diff": report["max_abs_diff"], f"{prefix}ok": bool(report["max_abs_diff"] <= atol)}
 
 
 def checkpoint_task(path: str) -> str:
@@ -47,11 +59,12 @@ def run(p: ExportParams) -> dict:
     model, ckpt = load_finetuned(p.checkpoint)
     n_points = p.n_points or int(ckpt.get("recipe", {}).get("n_points", 1024))
     path = export_onnx(model, p.onnx, n_points, p.opset)
-    report = {"onnx": str(path), "n_points": n_points, "classes": len(ckpt["class_names"]), "opset": p.opset}
+    report = {"onnx": str(path), "n_points": n_points, "classes": len(ckpt["class_names"]), "opset": p.opset,
+              "atol": p.atol}
     if p.check:
         points = np.random.default_rng(p.seed).normal(size=(2, n_points, 3)).astype(np.float32)
         report["max_abs_diff"] = check_onnx(path, model, points, p.atol)
-    trainstate.write_json(metrics_dir(path.parent) / "check.json", report)
+    write_metrics(metrics_dir(path.parent) / "check.json", report, headline(report))
     console.print(f"[green]export: {path}[/]", report)
     return report
 
@@ -61,12 +74,12 @@ def run_partseg(p: ExportParams) -> dict:
     n_points = p.n_points or int(ckpt.get("recipe", {}).get("n_points", 2048))
     path = export_partseg_onnx(model, p.onnx, n_points, p.opset)
     report = {"onnx": str(path), "task": "partseg", "n_points": n_points, "categories": len(ckpt["class_names"]),
-              "parts": int(ckpt["num_parts"]), "opset": p.opset}
+              "parts": int(ckpt["num_parts"]), "opset": p.opset, "atol": p.atol}
     if p.check:
         rng = np.random.default_rng(p.seed)
         points = rng.normal(size=(2, n_points, 3)).astype(np.float32)
         category = rng.integers(0, len(ckpt["class_names"]), size=2)
         report["max_abs_diff"] = check_partseg_onnx(path, model, points, category, p.atol)
-    trainstate.write_json(metrics_dir(path.parent) / f"{path.stem}_check.json", report)
+    write_metrics(metrics_dir(path.parent) / f"{path.stem}_check.json", report, headline(report))
     console.print(f"[green]export: {path}[/]", report)
     return report

@@ -15,10 +15,10 @@ from stages.common import StageError, as_jsonable, cache_dir, console, write_fai
 
 @dataclass
 class IndexParams:
-    root: str = layout.default(layout.DEMO_MESHES)
+    root: str = layout.default(layout.DEMO_MESHES)  # mesh folder: ShapeNet v1/v2 or <category>/<mesh>
     split_dir: str | None = None  # folder with Point-BERT train.txt/test.txt; default: look in root
     test_fraction: float = 0.2    # seeded, stratified split when no lists are found
-    seed: int = 0
+    seed: int = 0                 # the split's draw
     limit: int | None = None      # keep only the first N shapes (by id), for a quick try
 
 

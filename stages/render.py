@@ -16,19 +16,19 @@ from stages.per_shape import run_per_shape
 
 @dataclass
 class RenderParams:
-    resolution: int = 224
-    views: list[list[float]] = field(default_factory=lambda: [[30.0, 20.0]])  # [azimuth, elevation] deg
+    resolution: int = 224           # square image side in pixels
+    views: list[list[float]] = field(default_factory=lambda: [[30.0, 20.0]])  # [azimuth, elevation] per view, degrees
     distance_factor: float = 1.05   # × the distance at which the unit sphere fills the field of view
-    yfov_deg: float = 40.0
-    light_intensity: float = 3.0
-    fill_fraction: float = 0.35
-    ambient: float = 0.35
-    smooth: bool = False
-    workers: int = 2
-    chunk_rows: int = 8
-    limit: int | None = None
-    strict: bool = False
-    preview_per_category: int = 4
+    yfov_deg: float = 40.0          # vertical field of view in degrees
+    light_intensity: float = 3.0    # directional light attached to the camera (pyrender units)
+    fill_fraction: float = 0.35     # a second, weaker light from above-left, as a fraction of light_intensity
+    ambient: float = 0.35           # ambient light
+    smooth: bool = False            # smooth (vertex-normal) shading; false: flat, best for CAD models
+    workers: int = 2                # worker processes
+    chunk_rows: int = 8             # shapes per store chunk (the unit of resuming)
+    limit: int | None = None        # process at most N shapes (quick try; resumable)
+    strict: bool = False            # exit non-zero when any shape fails
+    preview_per_category: int = 4   # shapes per category on the contact sheet
 
 
 def render_config(p: RenderParams):

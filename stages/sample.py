@@ -16,12 +16,12 @@ from stages.per_shape import run_per_shape
 
 @dataclass
 class SampleParams:
-    points: int = 8192
-    seed: int = 0
-    workers: int = 2
-    chunk_rows: int = 16
-    limit: int | None = None
-    strict: bool = False
+    points: int = 8192              # surface points per shape
+    seed: int = 0                   # per-shape sampling seeds
+    workers: int = 2                # worker processes
+    chunk_rows: int = 16            # shapes per store chunk (the unit of resuming)
+    limit: int | None = None        # process at most N shapes (quick try; resumable)
+    strict: bool = False            # exit non-zero when any shape fails
 
 
 def _sample_row(n_points: int, seed: int, row: dict) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline import layout
 from recon.downstream.study import StudyParams, run_study
 from recon.pretraining.trainer import PretrainParams
-from stages.common import StageError, cache_dir, console, load_params
+from stages.common import StageError, build_params, cache_dir, console
 
 #: a smoke run: a few steps of a small student, one fine-tune epoch, one few-shot fold
 SMALL = {"n_points": 256, "num_group": 16, "group_size": 16}
@@ -31,20 +31,20 @@ QUICK = {"pretrain": {"model": {"trans_dim": 48, "depth": 2, "decoder_depth": 1,
 
 @dataclass
 class StudyStageParams(StudyParams):
-    out: str = layout.default("study")
-    demo_store: str = layout.default(layout.DEMO_STORE)
+    out: str = layout.default("study")      # output folder (table.md, probe_vs_epochs.png, per-arm runs)
+    demo_store: str = layout.default(layout.DEMO_STORE)  # the demo's classification store (held out: its test split)
     modelnet40_root: str | None = None      # modelnet40_normal_resampled files, converted once (test split held out)
-    modelnet40_points: int = 1024
-    quick: bool = False
+    modelnet40_points: int = 1024           # points per converted ModelNet40 shape
+    quick: bool = False                     # a smoke run: tiny student, a few steps (out gets -quick)
 
 
-def params(overrides: dict | None = None) -> StudyStageParams:
-    return load_params(StudyStageParams, "study", overrides)
+def params(overrides: dict | None = None, sets: list[str] | None = None) -> StudyStageParams:
+    return build_params(StudyStageParams, "study", overrides, sets)
 
 
 def study_params(p: StudyStageParams, stores: dict[str, str]) -> StudyParams:
     """The library's params: every arm's pretraining = params.yaml ``pretrain`` + ``study.pretrain``."""
-    pretrain = dataclasses.asdict(load_params(PretrainParams, "pretrain"))
+    pretrain = dataclasses.asdict(build_params(PretrainParams, "pretrain"))
     values = {f.name: getattr(p, f.name) for f in dataclasses.fields(StudyParams)}
     values.update(pretrain={**pretrain, **p.pretrain}, stores=stores)
     if p.quick:

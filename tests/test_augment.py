@@ -1,8 +1,11 @@
-"""Deterministic per-view augmentation."""
+"""Deterministic per-view augmentation, and how the embed stage uses it: variant 0 is the clean
+render, variants 1.. its seeded augmentations."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,12 +15,11 @@ from pipeline.augment import (
     CUTOUT,
     CUTOUT_FILL,
     augment_view,
-    clean_view,
     crop_params,
     cutout,
     variant_seed,
-    view_variants,
 )
+from pipeline.store import ArraySpec, Shard, StoreWriter, open_store
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def test_independent_of_global_rng(image: np.ndarray) -> None:
 
 def test_global_rng_untouched(image: np.ndarray) -> None:
     np_state, torch_state, py_state = np.random.get_state(), torch.get_rng_state(), random.getstate()
-    view_variants(image, "02691156-abc", 0, 4, base_seed=7)
+    for variant in (1, 2, 3):
+        augment_view(image, variant_seed(7, "02691156-abc", 0, variant))
     after = np.random.get_state()
     assert np_state[0] == after[0] and np.array_equal(np_state[1], after[1]) and np_state[2:] == after[2:]
     assert torch.equal(torch_state, torch.get_rng_state())
@@ -50,11 +53,12 @@ def test_global_rng_untouched(image: np.ndarray) -> None:
 
 
 def test_variants_differ(image: np.ndarray) -> None:
-    views = view_variants(image, "02691156-abc", 0, 6, base_seed=0)
+    variant = lambda shape, view, a: augment_view(image, variant_seed(0, shape, view, a))   # as embed seeds them
+    views = [image] + [variant("02691156-abc", 0, a) for a in range(1, 6)]
     flat = [v.tobytes() for v in views]
     assert len(set(flat)) == len(flat)
-    other_view = view_variants(image, "02691156-abc", 1, 2, base_seed=0)[1]
-    other_shape = view_variants(image, "02691156-abd", 0, 2, base_seed=0)[1]
+    other_view = variant("02691156-abc", 1, 1)
+    other_shape = variant("02691156-abd", 0, 1)
     assert not np.array_equal(views[1], other_view)
     assert not np.array_equal(views[1], other_shape)
 
@@ -64,18 +68,79 @@ def test_output_size_and_dtype(image: np.ndarray) -> None:
     for size in (224, 64):
         out = augment_view(rect, 3, size=size)
         assert out.shape == (size, size, 3) and out.dtype == np.uint8
-        assert all(v.shape == (size, size, 3) for v in view_variants(rect, "s", 0, 3, 0, size=size))
     with pytest.raises(ValueError):
         augment_view(image.astype(np.float32), 0)
 
 
-def test_variant_zero_is_clean(image: np.ndarray) -> None:
-    views = view_variants(image, "s", 0, 1, base_seed=0)
-    assert len(views) == 1
-    np.testing.assert_array_equal(views[0], image)
-    small = view_variants(image, "s", 0, 3, base_seed=0, size=112)
-    np.testing.assert_array_equal(small[0], clean_view(image, 112))
-    assert not np.array_equal(small[0], small[1])
+def write_renders(path: Path, ids: list[str], views: int = 2, size: int = 40) -> np.ndarray:
+    """A renders store of random views [N, V, size, size, 3] (what `recon render` writes)."""
+    images = np.random.default_rng(0).integers(0, 256, (len(ids), views, size, size, 3), dtype=np.uint8)
+    writer = StoreWriter.open(path, ids, {"images": ArraySpec((views, size, size, 3), "uint8", 2)},
+                              {"resolution": size})
+    for block in writer.pending_blocks():
+        writer.write_rows(block, {"images": images[block]}, np.ones(block.size, dtype=bool))
+    writer.finalise()
+    return images
+
+
+def test_embed_reads_variant_zero_as_the_untouched_render(tmp_path: Path) -> None:
+    """The embed stage's reader (stages/embed.py ``ViewVariants``): the clean views are the stored
+    renders as they are (the teacher resizes them itself), the augmented ones follow them
+    variant-major within each view, each ``augment_view`` at its (seed, shape, view, variant) seed."""
+    from stages.embed import ViewVariants
+
+    ids = ["02691156-a", "02691156-b", "03001627-c"]
+    images = write_renders(tmp_path / "renders.zarr", ids)
+    item = ViewVariants(tmp_path / "renders.zarr", np.array(ids), variants=3, seed=5, size=32)[1]
+    assert item["clean"].dtype == torch.uint8
+    np.testing.assert_array_equal(item["clean"].numpy(), images[1])              # [V, 40, 40, 3], untouched
+    augmented = item["augmented"].numpy()
+    assert augmented.shape == (2 * 2, 32, 32, 3)
+    for v in range(2):
+        for a in (1, 2):
+            np.testing.assert_array_equal(augmented[v * 2 + a - 1],
+                                          augment_view(images[1, v], variant_seed(5, ids[1], v, a), 32))
+    only_clean = ViewVariants(tmp_path / "renders.zarr", np.array(ids), variants=1, seed=5, size=32)[1]
+    np.testing.assert_array_equal(only_clean["clean"].numpy(), images[1])
+    assert only_clean["augmented"].shape == (0, 32, 32, 3)
+
+
+class PixelTeacher:
+    """A stand-in image teacher whose feature is the image's top-left 4 x 4 pixels (/255): it
+    tells apart every image the embed stage hands it, at any size."""
+
+    name, dim, precision = "pixels", 48, "auto"
+    preprocessing = SimpleNamespace(size=32)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "weights": None}
+
+    def encode_images(self, images, batch_size: int = 64) -> torch.Tensor:
+        images = torch.tensor(np.asarray(images))
+        return images[:, :4, :4].reshape(len(images), -1).float() / 255
+
+
+def test_embed_stores_the_clean_render_at_variant_zero(tmp_path: Path, monkeypatch) -> None:
+    """The stored image features [N, V, A, D]: variant 0 is the teacher's feature of the render
+    itself, variants 1.. those of its seeded augmentations, in every view."""
+    import pipeline.teachers
+    from stages.embed import EmbedParams, embed_images
+
+    ids = ["02691156-a", "02691156-b", "03001627-c"]
+    images = write_renders(tmp_path / "renders.zarr", ids)
+    teacher = PixelTeacher()
+    monkeypatch.setattr(pipeline.teachers, "load_teacher", lambda *args, **kwargs: teacher)
+    p = EmbedParams(variants=3, seed=5, chunk_rows=2, batch_size=4, device="cpu")
+    embed_images(p, Shard(), torch.device("cpu"), tmp_path / "renders.zarr", tmp_path / "image.zarr", ids)
+    stored = open_store(tmp_path / "image.zarr")["features"][:].astype(np.float32)
+    assert stored.shape == (3, 2, 3, 48)
+    for row, shape_id in enumerate(ids):
+        for v in range(2):
+            expected = [images[row, v]] + [augment_view(images[row, v], variant_seed(5, shape_id, v, a), 32)
+                                           for a in (1, 2)]                   # 40 x 40, then 32 x 32 twice
+            for a, view in enumerate(expected):
+                np.testing.assert_allclose(stored[row, v, a], teacher.encode_images(view[None]).numpy()[0],
+                                           atol=1e-3, err_msg=f"{shape_id} view {v} variant {a}")
 
 
 def test_variant_seed_stable() -> None:

@@ -1,7 +1,8 @@
 """`dvc repro` of a tiny demo in a temporary copy of the project: runs end to end, a second run
 is a no-op, and a render param change reruns render and its dependents, nothing upstream. Then a
 two-experiment sweep (`dvc exp run --queue`): every row of `dvc exp show` carries every metrics
-file, and `dvc metrics diff` / `dvc plots diff` compare the two experiments."""
+file, and `dvc metrics diff` / `dvc plots diff` compare the two experiments, and each experiment's commit carries the
+details beside its headline metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from stages import finetune as finetune_stage
+from stages import pretrain as pretrain_stage
+from stages.common import details_path
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +61,8 @@ def _git(project: Path, *args: str) -> str:
 
 
 def _declared(project: Path) -> tuple[list[str], list[str], list[str]]:
-    """dvc.yaml's (metrics, plots, outs) paths: metrics and plots with ``cache: false``, cached outs."""
+    """dvc.yaml's (metrics, plots, outs) paths: metrics, plots and uncached outs (``cache: false``,
+    e.g. the details.json behind a headline metrics file) go to git; cached outs do not."""
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     found: dict[str, list[str]] = {"metrics": [], "plots": [], "outs": []}
     for stage in stages.values():
@@ -66,7 +71,7 @@ def _declared(project: Path) -> tuple[list[str], list[str], list[str]]:
                 path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
                 if kind != "outs":
                     assert options.get("cache") is False, f"{path}: metrics and plots belong in git"
-                found[kind].append(path)
+                found["plots" if kind == "outs" and options.get("cache") is False else kind].append(path)
     return found["metrics"], found["plots"], found["outs"]
 
 
@@ -107,7 +112,7 @@ def test_repro_then_noop_then_partial_rerun(project):
     first = _dvc(project, "repro")
     assert _ran(first) == {"demo_data", "index", "render", "sample", "embed", "pretrain", "convert",
                            "finetune", "evaluate", "export", "demo_parts", "partseg", "export_partseg"}
-    pretrain = json.loads((project / "cache" / "metrics" / "pretrain" / "metrics.json").read_text())
+    pretrain = json.loads((project / "cache" / "metrics" / "pretrain" / "details.json").read_text())
     for term in ("img", "text"):
         assert pretrain[f"test_loss_{term}_ratio"] == pytest.approx(
             pretrain[f"test_loss_{term}"] / pretrain[f"test_loss_{term}_baseline"])
@@ -115,17 +120,20 @@ def test_repro_then_noop_then_partial_rerun(project):
                                                                    "text_proj"}
     assert pretrain["probe"]["pretrained"]["knn"] == pretrain["probe_knn"]
     assert pretrain["test_shapes_held_out"] is True and pretrain["target_norm"] == "store"
-    partseg = json.loads((project / "cache" / "metrics" / "partseg" / "metrics.json").read_text())
+    partseg = json.loads((project / "cache" / "metrics" / "partseg" / "details.json").read_text())
     assert partseg["selection"] == "last epoch" and partseg["epochs"] == TINY["partseg"]["epochs"]
     assert partseg["train_shapes"] + partseg.get("test_shapes", 0) == 6   # every demo shape, train or test
-    onnx = json.loads((project / "cache" / "metrics" / "export" / "partseg_check.json").read_text())
+    onnx = json.loads((project / "cache" / "metrics" / "export" / "partseg_check_details.json").read_text())
     assert onnx["task"] == "partseg" and onnx["max_abs_diff"] <= 1e-4
-    evaluation = json.loads((project / "cache" / "metrics" / "evaluate" / "metrics.json").read_text())
+    evaluation = json.loads((project / "cache" / "metrics" / "evaluate" / "details.json").read_text())
     assert {"svm", "zeroshot", "random_init"} <= set(evaluation)
+    headline = json.loads((project / "cache" / "metrics" / "pretrain" / "metrics.json").read_text())
+    assert headline == pretrain_stage.headline(pretrain) and set(headline) == set(pretrain_stage.HEADLINE)
     second = _dvc(project, "repro")
     assert _ran(second) == set(), second
     metrics = _dvc(project, "metrics", "show")
-    assert "loss_rec" in metrics and "cache/metrics/finetune/metrics.json" in metrics
+    assert "test_loss_img_ratio" in metrics and "cache/metrics/finetune/metrics.json" in metrics
+    assert "loss_rec" not in metrics and "details" not in metrics      # the headlines only
     plots = _dvc(project, "plots", "show", "--json")
     assert "confusion" in plots and "probe_knn_random_init" in plots and "test_loss_text_ratio" in plots
 
@@ -156,7 +164,8 @@ def test_experiment_sweep_rows_carry_their_metrics(project):
     _git(project, "add", "-A")
     _git(project, "commit", "-q", "-m", "baseline")
     metrics_files, plot_files, _ = _declared(project)
-    assert set(_git(project, "ls-files", "cache/metrics").split()) == set(metrics_files + plot_files)
+    details_files = [str(details_path(Path(m))) for m in metrics_files]   # git-tracked, not declared
+    assert set(_git(project, "ls-files", "cache/metrics").split()) == set(metrics_files + plot_files + details_files)
 
     _dvc(project, "exp", "run", "--queue", "-S", "finetune.epochs=1,3")
     ran = _dvc(project, "exp", "run", "--run-all")
@@ -173,16 +182,21 @@ def test_experiment_sweep_rows_carry_their_metrics(project):
             assert "error" not in found.get(name, {"error": "missing"}), (row["name"], name, found.get(name))
             assert _numbers(found[name]["data"]), (row["name"], name)
     finetune = "cache/metrics/finetune/metrics.json"
-    assert baseline["data"]["metrics"][finetune]["data"]["epochs"] == TINY["finetune"]["epochs"]
+
+    def details(row: dict) -> dict:  # what the row's commit carries beside its headline
+        return json.loads(_git(project, "show", f"{row['rev']}:cache/metrics/finetune/details.json"))
+
+    assert details(baseline)["epochs"] == TINY["finetune"]["epochs"]
     for epochs, row in by_epochs.items():  # each experiment's own numbers, not the baseline's
-        assert row["data"]["metrics"][finetune]["data"]["epochs"] == epochs
+        assert details(row)["epochs"] == epochs
+        assert row["data"]["metrics"][finetune]["data"] == finetune_stage.headline(details(row))
         pretrain = row["data"]["metrics"]["cache/metrics/pretrain/metrics.json"]["data"]
         assert pretrain == baseline["data"]["metrics"]["cache/metrics/pretrain/metrics.json"]["data"]
 
     one, three = by_epochs[1]["name"], by_epochs[3]["name"]
-    diff = json.loads(_dvc(project, "metrics", "diff", one, three, "--json", stdout_only=True))
-    assert diff[finetune]["epochs"] == {"old": 1, "new": 3, "diff": 2}
-    assert "cache/metrics/pretrain/metrics.json" not in diff  # pretraining did not change
+    diff = json.loads(_dvc(project, "metrics", "diff", one, three, "--all", "--json", stdout_only=True))
+    assert set(diff[finetune]) == {"test_acc", "test_vote_acc"}
+    assert {v["diff"] for v in diff["cache/metrics/pretrain/metrics.json"].values()} == {0}  # pretraining did not change
     plots = json.loads(_dvc(project, "plots", "diff", one, three, "--json", stdout_only=True))
     points = [v for plot in plots["data"]["finetune_history"] for v in plot["content"]["data"]["values"]
               if v.get("field") == "loss"]

@@ -199,7 +199,11 @@ def test_evaluate_stage_svm_and_zeroshot(tmp_path, monkeypatch):
                                 E.class_text_features(text, test.class_names)[0])
     assert zs["top1_acc"] == pytest.approx(100 * float((scores.argmax(1) == test.labels).mean()))
     assert "random_init" not in metrics
-    assert json.loads((tmp_path / "metrics" / "evaluate" / "metrics.json").read_text()) == metrics
+    published = tmp_path / "metrics" / "evaluate"     # every figure in details.json, the headline in metrics.json
+    assert json.loads((published / "details.json").read_text()) == metrics
+    assert json.loads((published / "metrics.json").read_text()) == stage.headline(metrics) == {
+        "svm": metrics["svm"]["test_acc"], "svm_standardized": metrics["svm"]["test_acc_standardized"],
+        "zeroshot_top1": zs["top1_acc"], "zeroshot_top5": zs["top5_acc"]}
     confusion = (tmp_path / "metrics" / "evaluate" / "zeroshot" / "confusion.csv").read_text().splitlines()
     assert len(confusion) == 19 and (tmp_path / "evaluate" / "zeroshot" / "confusion.png").stat().st_size > 1000
     assert sum(row.split(",")[0] == row.split(",")[1] for row in confusion[1:]) == round(zs["top1_acc"] * 18 / 100)
@@ -255,5 +259,9 @@ def test_cli_evaluate_by_hand_keeps_the_pipeline_metrics(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "mine"), "--baseline"])
     assert done.exit_code == 0, done.output
-    written = json.loads((tmp_path / "mine" / "metrics.json").read_text())
+    written = json.loads((tmp_path / "mine" / "details.json").read_text())
     assert set(written["random_init"]["svm"]) == set(written["svm"]) and not (tmp_path / "cache").exists()
+    assert json.loads((tmp_path / "mine" / "metrics.json").read_text()) == {
+        "svm": written["svm"]["test_acc"], "svm_standardized": written["svm"]["test_acc_standardized"],
+        "svm_random_init": written["random_init"]["svm"]["test_acc"],
+        "svm_standardized_random_init": written["random_init"]["svm"]["test_acc_standardized"]}

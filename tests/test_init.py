@@ -1,4 +1,4 @@
-"""Initialisation as the reference code does it, module family by module family (SPEC model §9).
+"""Initialisation as the reference code does it, module family by module family (its ``_init_weights``).
 
 Each family is checked against the distribution the reference draws it from: the encoder side
 trunc-normal(0.02), the decoder blocks xavier-uniform, the decoder's positional MLP and rebuild head

@@ -6,42 +6,13 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 from conftest import ROOT
+from recon.runtime.codedeps import import_graph, project_modules  # the one AST import reader (dvc.yaml deps too)
 
-PACKAGES = ("cli", "stages", "recon", "pipeline")
 #: top-level layers, highest first: each may import itself and the layers after it
 LAYERS = ("cli", "stages", "recon", "pipeline")
 ROOMS = ("recon.runtime", "recon.network", "recon.pretraining", "recon.downstream")
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def project_modules() -> dict[str, Path]:
-    files = [ROOT / "cli.py", *[p for pkg in PACKAGES[1:] for p in (ROOT / pkg).rglob("*.py")]]
-    return {module_name(p): p for p in files}
-
-
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """Project modules that ``path`` imports anywhere in its body (``from a import b`` counts as
-    ``a.b`` when that is a module, else ``a``)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for a in node.names:
-                found.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module)
-    return {m for m in found if m in modules}
-
-
-def import_graph() -> dict[str, set[str]]:
-    modules = project_modules()
-    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
 
 
 def room_of(module: str) -> str:

@@ -232,12 +232,95 @@ def test_any_rank_flag_reaches_every_rank(tmp_path):
     assert [(tmp_path / f"any-{rank}").read_text() for rank in (0, 1)] == ["True False", "True False"]
 
 
-def test_show_reconstruction_writes_a_png(cache, tmp_path):
-    from stages.show import reconstruction
-    train(tiny_params(epochs=1), cache, tmp_path / "s", log=lambda *_: None)
-    out = reconstruction(trainstate.latest(tmp_path / "s" / "checkpoints"), tmp_path / "rec.png",
-                         n_shapes=2, cache=cache)
-    assert out.stat().st_size > 5000
+def _drawn_reconstruction(monkeypatch, checkpoint: Path, out: Path, cache: Path, n_shapes: int,
+                          reinit: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """`recon show reconstruction` on ``checkpoint`` (``reinit``: the same network re-initialised,
+    seed 0): the decoded PNG [H, W, 3] and, per scatter call, its panel (row, column), title,
+    colour and points (xyz, undoing the plot's x, z, y axis order)."""
+    from mpl_toolkits.mplot3d.axes3d import Axes3D
+    from PIL import Image
+
+    from stages import show
+
+    drawn, scatter = [], Axes3D.scatter
+
+    def recording_scatter(ax, xs, ys, zs, *args, **kwargs):
+        drawn.append((ax, np.stack([xs, zs, ys], axis=1).astype(np.float32), kwargs.get("c")))
+        return scatter(ax, xs, ys, zs, *args, **kwargs)
+
+    def reinitialised(path):
+        model = load_pretrained(path)
+        torch.manual_seed(0)
+        model.reset_parameters()
+        return model.eval()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Axes3D, "scatter", recording_scatter)
+        if reinit:
+            patch.setattr(show, "load_pretrained", reinitialised)
+        show.reconstruction(checkpoint, out, n_shapes=n_shapes, cache=cache)
+    panels = [{"row": ax.get_subplotspec().rowspan.start, "col": ax.get_subplotspec().colspan.start,
+               "title": ax.get_title(), "colour": colour, "points": points} for ax, points, colour in drawn]
+    return np.asarray(Image.open(out).convert("RGB")), panels
+
+
+def test_show_reconstruction_draws_the_groups_and_the_reconstruction(cache, tmp_path, monkeypatch):
+    """The picture: one row of three panels per test shape (input / visible groups / visible +
+    reconstructed), the visible groups and the reconstructed masked groups where the seeded mask
+    puts them, red only in the third column, and a reconstruction that 30 training steps bring
+    much nearer to the true masked groups than the same network at random init."""
+    from recon.network.pointops import group_points
+
+    train(tiny_params(epochs=10, monitor_shapes=0), cache, tmp_path / "s", log=lambda *_: None)
+    checkpoint = trainstate.latest(tmp_path / "s" / "checkpoints")
+    model = load_pretrained(checkpoint)
+    G, S, M = model.cfg.num_group, model.cfg.group_size, model.cfg.num_mask
+    n_shapes = 2
+    image, panels = _drawn_reconstruction(monkeypatch, checkpoint, tmp_path / "rec.png", cache, n_shapes)
+
+    # the PNG: 9 x 3n inches at 110 dpi, the red (reconstructed) points only in the right-hand panels
+    assert image.shape == (3 * n_shapes * 110, 9 * 110, 3)
+    r, g, b = (image[..., k].astype(int) for k in range(3))
+    red = (r > 150) & (g < 110) & (b < 110)
+    third, half = image.shape[1] // 3, image.shape[0] // n_shapes
+    assert red[:, :2 * third].sum() == 0
+    assert all(red[i * half:(i + 1) * half, 2 * third:].sum() > 50 for i in range(n_shapes))
+
+    # the data drawn: the first test shape of each category (ball, box), three panels each
+    assert sorted({(p["row"], p["col"]) for p in panels}) == [(i, j) for i in range(n_shapes) for j in range(3)]
+    clouds, errors = [], []
+    mask = model.random_mask(n_shapes, "cpu", generator=torch.Generator().manual_seed(0))   # the picture's seed
+    for i, category in enumerate(("ball", "box")):
+        row = {(p["col"], p["colour"]): p for p in panels if p["row"] == i}
+        assert set(row) == {(0, "tab:blue"), (1, "tab:blue"), (2, "tab:blue"), (2, "tab:red")}
+        assert [row[k]["title"] for k in sorted(row)] == [f"{category}: input", f"{category}: visible groups",
+                                                          *[f"{category}: visible + reconstructed"] * 2]
+        cloud = row[0, "tab:blue"]["points"]
+        clouds.append(cloud)
+        neighborhood, center = group_points(torch.from_numpy(cloud)[None], G, S)
+        groups = (neighborhood + center[:, :, None])[0]                         # [G, S, 3] absolute
+        visible, masked = groups[~mask[i]], groups[mask[i]]
+        np.testing.assert_allclose(row[1, "tab:blue"]["points"], visible.reshape(-1, 3).numpy(), atol=1e-6)
+        np.testing.assert_array_equal(row[2, "tab:blue"]["points"], row[1, "tab:blue"]["points"])
+        rebuilt = torch.from_numpy(row[2, "tab:red"]["points"]).reshape(M, S, 3)  # masked groups, ascending
+        errors.append(chamfer_l2(rebuilt, masked))
+
+    # the same picture from the same network at random init: its red groups are far off
+    _, random_panels = _drawn_reconstruction(monkeypatch, checkpoint, tmp_path / "random.png", cache, n_shapes,
+                                             reinit=True)
+    random_errors = []
+    for i, cloud in enumerate(clouds):
+        neighborhood, center = group_points(torch.from_numpy(cloud)[None], G, S)
+        masked = (neighborhood + center[:, :, None])[0][mask[i]]
+        red = next(p for p in random_panels if p["row"] == i and p["colour"] == "tab:red")["points"]
+        random_errors.append(chamfer_l2(torch.from_numpy(red).reshape(M, S, 3), masked))
+    assert max(errors) < 0.5 * min(random_errors), (errors, random_errors)
+
+
+def chamfer_l2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean Chamfer-L2 over paired groups [K, S, 3] (squared distances, both directions)."""
+    d = ((pred[:, :, None] - target[:, None]) ** 2).sum(-1)
+    return (d.min(2).values.mean() + d.min(1).values.mean()).item()
 
 
 def test_convert_reference_checkpoint_roundtrip(tmp_path):
@@ -311,6 +394,9 @@ def test_target_statistics_round_trip(tmp_path):
     from stages import pretrain as stage
     result = stage.run(tiny_params(epochs=1, target_norm="store", split="train"), cache, tmp_path / "p")
     assert result["target_norm"] == "store" and result["test_shapes_held_out"]
+    published = tmp_path / "metrics" / "p"             # every figure in details.json, the headline in metrics.json
+    assert json.loads((published / "details.json").read_text()) == json.loads(json.dumps(result))
+    assert json.loads((published / "metrics.json").read_text()) == stage.headline(result)
     for path in (tmp_path / "p" / "model.pt", trainstate.latest(tmp_path / "p" / "checkpoints")):
         loaded = load_pretrained(path)
         np.testing.assert_array_equal(loaded.target_stats.img_std, stats.img_std)

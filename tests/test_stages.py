@@ -153,10 +153,45 @@ def test_limit_leaves_a_resumable_partial_store(workdir, tmp_path):
     assert open_store(out).ok.sum() == 9
 
 
-def test_help_lists_stages():
-    result = invoke("--help")
-    for stage in ("demo-data", "index", "render", "sample", "embed", "inspect", "pretrain"):
-        assert stage in result.output
+def listed_commands(help_text: str) -> list[str]:
+    """The command names in the "Commands" panel of a rich ``--help`` (first word of each row)."""
+    import re
+
+    panel = help_text.split("─ Commands ", 1)[1].split("╰", 1)[0]
+    return [m.group(1) for line in panel.splitlines() if (m := re.match(r"│ (\S+)", line))]
+
+
+def test_help_lists_every_command_and_every_dvc_stage_command():
+    """`recon --help` lists every command and group registered on the Typer app (and each group's
+    help its own commands), and every command a dvc.yaml stage runs is one of them."""
+    import shlex
+
+    import typer
+    import yaml
+
+    from conftest import ROOT
+
+    root = typer.main.get_command(app)
+    registered = {name: cmd for name, cmd in root.commands.items() if not cmd.hidden}
+    listed = listed_commands(invoke("--help").output)
+    assert len(registered) >= 14 and sorted(listed) == sorted(registered)
+    for name, group in registered.items():
+        if hasattr(group, "commands"):          # a sub-app such as `recon show`
+            sub = listed_commands(invoke(name, "--help").output)
+            assert sorted(sub) == sorted(n for n, c in group.commands.items() if not c.hidden), name
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    runs = {}
+    for stage, spec in stages.items():
+        for cmd in [spec["cmd"]] if isinstance(spec["cmd"], str) else spec["cmd"]:
+            words = shlex.split(cmd)
+            if "recon" in words:
+                runs[stage] = words[words.index("recon") + 1:]
+    assert "pretrain" in runs and len(runs) >= len(stages) // 2     # the parse found the recon stages
+    for stage, args in runs.items():
+        assert args and args[0] in listed, f"dvc stage {stage} runs `recon {args[0] if args else ''}`"
+        if hasattr(registered[args[0]], "commands"):
+            assert args[1] in registered[args[0]].commands, f"dvc stage {stage}: `recon {' '.join(args[:2])}`"
 
 
 def test_missing_shapes_table_is_a_clear_error(tmp_path, monkeypatch):

@@ -2,9 +2,9 @@
 
 Protocols: ``full`` (everything trains), ``mlp3`` / ``linear`` (only the head and the [CLS]
 token/position train; the backbone is frozen, its BatchNorm statistics too). Dataset profiles carry
-the SPEC recipes; any field can be overridden. The recipe: AdamW (wd 0.05, none on 1-D/bias/tokens),
-warm-up + cosine per epoch as the reference (per step: ``schedule: step``, the demo's), head and
-[CLS] at 10x lr, grad-norm clip 10, drop path 0.2.
+the paper's recipes (``recon/downstream/recipes.py`` ``PROFILES``); any field can be overridden.
+The recipe: AdamW (wd 0.05, none on 1-D/bias/tokens), warm-up + cosine per epoch as the reference
+(per step: ``schedule: step``, the demo's), head and [CLS] at 10x lr, grad-norm clip 10, drop path 0.2.
 
 Data, sampling and augmentation: ``recon/downstream/cls_data.py``; weights in and out: ``recon/downstream/weights.py``;
 inference: ``recon/downstream/inference.py``; metrics and plots: ``recon/downstream/metrics.py``.
@@ -36,7 +36,7 @@ from recon.downstream.metrics import accuracy, write_confusion
 from recon.downstream.recipes import RUNTIME_ONLY, FinetuneParams
 from recon.downstream.weights import InitSource, build_classifier, save_model
 from recon.network.model import ReConClassifier
-from recon.runtime import trainstate
+from recon.runtime import codedeps, trainstate
 from recon.runtime.distributed import Dist, pick_device
 from recon.runtime.optim import Schedule, adamw, set_lr
 
@@ -50,7 +50,7 @@ class Task(Protocol):
     """What the fine-tuning loop needs to know about a task (classification, part segmentation)."""
 
     name: str                    # "classification" | "partseg"
-    code: tuple[str, ...]        # modules whose source decides what the task computes (besides TRAINING_CODE)
+    code: tuple[str, ...]        # files whose source decides what the task computes: its module's codedeps.closure
     selection_key: str | None    # a per-epoch validation figure whose best epoch is reported instead of the last
     selection_name: str          # how metrics.json names that choice
 
@@ -152,9 +152,9 @@ class FinetuneResult:
     pred: np.ndarray | None = None
 
 
-#: the modules whose source decides what fine-tuning computes (dvc.yaml lists them as deps too)
-TRAINING_CODE = ("recon.network.model", "recon.network.pointops", "recon.pretraining.data", "recon.runtime.optim", "recon.network.reference", "recon.downstream.finetune",
-                 "recon.downstream.cls_data", "recon.downstream.weights", "recon.downstream.inference", "recon.downstream.metrics")
+#: the files whose source decides what fine-tuning computes: this module's import closure (the
+#: finetune and partseg stages' dvc.yaml deps hold them all, ``tests/test_codedeps.py`` checks it)
+TRAINING_CODE = codedeps.closure(__name__)
 
 
 def run_identity(p: FinetuneParams, seed: int, store_fingerprint: Any, init: InitSource | None = None,

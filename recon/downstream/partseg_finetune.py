@@ -26,10 +26,10 @@ from recon.downstream.inference import evaluating
 from recon.downstream.partseg_data import SegData, SegTrainSet
 from recon.downstream.partseg_metrics import miou_summary, plot_parts, restrict_to_category, shape_ious
 from recon.downstream.partseg_net import PartSegConfig, ReConPartSeg, load_encoder
-from recon.downstream.recipes import FinetuneParams, Profile
+from recon.downstream.recipes import PartSegParams, Profile
 from recon.downstream.weights import InitSource, classifier_config
 from recon.network.model import ReConConfig
-from recon.runtime import trainstate
+from recon.runtime import codedeps, trainstate
 from recon.runtime.distributed import Dist, pick_device
 
 PICTURE = "parts.png"
@@ -42,7 +42,7 @@ def feature_blocks_for(depth: int) -> tuple[int, ...]:
     return tuple(sorted({max(round(depth * k / 3) - 1, 0) for k in (1, 2, 3)}))
 
 
-def build_partseg(p: FinetuneParams, data: SegData, init: InitSource | None) -> ReConPartSeg:
+def build_partseg(p: PartSegParams, data: SegData, init: InitSource | None) -> ReConPartSeg:
     """The segmentation network for ``data``'s parts and categories; the encoder from ``init``."""
     cfg = classifier_config(init, p.variant, p.model, p.recipe())
     seg = PartSegConfig(**{"feature_blocks": feature_blocks_for(cfg.depth), **p.seg,
@@ -83,10 +83,10 @@ class PartSegTask:
     """Part segmentation for ``recon.downstream.finetune.train_task``."""
 
     name = "partseg"
-    code = ("recon.downstream.partseg_net", "recon.downstream.partseg_data", "recon.downstream.partseg_metrics", "recon.downstream.partseg_finetune")
+    code = codedeps.closure(__name__)   # this module's import closure (TRAINING_CODE's and more)
     selection_key, selection_name = None, "last epoch"
 
-    def __init__(self, p: FinetuneParams, train: SegData, test: SegData | None, seed: int,
+    def __init__(self, p: PartSegParams, train: SegData, test: SegData | None, seed: int,
                  init: InitSource | None, device: torch.device):
         if len(train) < 2:
             raise ValueError(f"{len(train)} training shapes: need at least 2 (BatchNorm in the head)")
@@ -145,7 +145,7 @@ def picture_rows(label: np.ndarray, n: int) -> np.ndarray:
     return np.asarray((firsts + rest)[:n], dtype=np.int64)
 
 
-def finetune_partseg(p: FinetuneParams, train: SegData, test: SegData | None, seed: int, out: Path | None = None,
+def finetune_partseg(p: PartSegParams, train: SegData, test: SegData | None, seed: int, out: Path | None = None,
                      d: Dist | None = None, init: InitSource | None = None, store_fingerprint: Any = None,
                      progress_factory: Callable | None = None, log=print) -> FinetuneResult:
     """Fine-tune part segmentation on ``train`` (train + val) and score the last epoch on ``test``.

@@ -19,7 +19,9 @@ PROTOCOLS = ("full", "mlp3", "linear")   # ReConClassifier head kinds
 
 @dataclass(frozen=True)
 class Profile:
-    """A dataset recipe (SPEC "Fine-tuning and evaluation"; few-shot from the reference config)."""
+    """A dataset recipe: the paper's fine-tuning recipes (AdamW, wd 0.05, cosine, 10 warm-up epochs,
+    300 epochs, batch 32, drop path 0.2; ScanObjectNN lr 2e-5 at 2,048 points, ModelNet40 lr 1e-5 at
+    1,024), few-shot from the reference config (``PROFILES`` below)."""
 
     n_points: int
     num_group: int
@@ -74,39 +76,41 @@ SCANOBJECTNN_VARIANTS = {"scanobjectnn": "PB_T50_RS", "scanobjectnn-hardest": "P
 
 @dataclass
 class FinetuneParams:
+    #: the dataset recipe: scanobjectnn(-hardest) | scanobjectnn-objbg | scanobjectnn-objonly | modelnet40 |
+    #: modelnet40-8k | fewshot | demo
     profile: str = "demo"
-    store: str = layout.default(layout.DEMO_STORE)
+    store: str = layout.default(layout.DEMO_STORE)  # the downstream store (train + test splits)
     init: str = layout.default(layout.PRETRAINED)  # our model.pt / epoch checkpoint, a reference .pth, or "scratch"
     variant: str = "tiny"                    # architecture when init is "scratch"
     model: dict = field(default_factory=dict)  # ReConConfig overrides
-    seg: dict = field(default_factory=dict)    # PartSegConfig overrides (part segmentation)
     protocol: str = "full"                   # full | mlp3 | linear
-    # None: the profile's value
-    n_points: int | None = None
-    num_group: int | None = None
-    group_size: int | None = None
-    lr: float | None = None
-    epochs: int | None = None
-    warmup_epochs: int | None = None
-    batch_size: int | None = None
-    drop_path: float | None = None
+    # None, down to schedule: the profile's value
+    n_points: int | None = None              # points per cloud; None: the profile's
+    num_group: int | None = None             # groups (patches) per cloud; None: the profile's
+    group_size: int | None = None            # points per group; None: the profile's
+    lr: float | None = None                  # peak learning rate (AdamW, cosine); None: the profile's
+    epochs: int | None = None                # training epochs; None: the profile's
+    warmup_epochs: int | None = None         # linear warm-up from warmup_lr to lr; None: the profile's
+    batch_size: int | None = None            # clouds per optimiser step; None: the profile's
+    drop_path: float | None = None           # stochastic depth rate; None: the profile's
+    #: training augmentation: none | rotate | scale | scale_translate (partseg: none | scale_shift); None: the profile's
     augment: str | None = None
-    vote_augment: str | None = None
-    normalize: bool | None = None
-    schedule: str | None = None
-    weight_decay: float = 0.05
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
-    head_lr_scale: float = 10.0
-    grad_clip: float = 10.0
-    votes: int = 10
+    vote_augment: str | None = None          # augmentation of the voting passes; None: the profile's
+    normalize: bool | None = None            # centre + unit sphere before sampling; None: the profile's
+    schedule: str | None = None              # learning rate per epoch (the reference) | per step; None: the profile's
+    weight_decay: float = 0.05               # AdamW weight decay
+    min_lr: float = 1e-6                     # the cosine's floor
+    warmup_lr: float = 1e-6                  # the warm-up's start
+    head_lr_scale: float = 10.0              # lr multiplier of the new layers (head + cls token; part seg: label, propagation, head)
+    grad_clip: float = 10.0                  # gradient norm clip; 0: none
+    votes: int = 10                          # voting passes at test time (0: no voting)
     val_fraction: float = 0.0                # > 0: select the epoch by accuracy on a validation split
-    seed: int = 0
+    seed: int = 0                            # initialisation, order and augmentation
     seeds: list[int] | None = None           # a sweep: mean ± std over these seeds
-    eval_batch: int = 64
-    loader_workers: int = 0
-    device: str = "auto"
-    keep_last: int = 2
+    eval_batch: int = 64                     # clouds per evaluation forward
+    loader_workers: int = 0                  # DataLoader processes
+    device: str = "auto"                     # auto | cpu | cuda[:i]
+    keep_last: int = 2                       # epoch checkpoints kept (resume from the newest)
     max_steps: int | None = None             # stop early (smoke tests)
 
     @property
@@ -154,9 +158,11 @@ RUNTIME_ONLY = ("device", "loader_workers", "keep_last", "max_steps", "eval_batc
 
 @dataclass
 class PartSegParams(FinetuneParams):
-    """``FinetuneParams`` with part-segmentation defaults (the demo's parts store and recipe)."""
+    """``FinetuneParams`` with part-segmentation defaults (the demo's parts store and recipe), plus
+    ``seg``: only part segmentation has a segmentation head to configure."""
 
-    profile: str = "demo-partseg"
-    store: str = layout.default(layout.DEMO_PARTS_STORE)
+    profile: str = "demo-partseg"            # the recipe: shapenetpart (the reference) | demo-partseg
+    store: str = layout.default(layout.DEMO_PARTS_STORE)  # the part-segmentation store (train, val, test)
+    seg: dict = field(default_factory=dict)  # PartSegConfig overrides (the segmentation head); {}: the reference's
     votes: int = 0                           # no voting in part segmentation
 

@@ -35,7 +35,7 @@ from recon.network.model import ReConPretrain, head_input, recalibrate_batchnorm
 from recon.pretraining.data import open_pretrain_stores
 from recon.pretraining.probes import batched, knn_probe, svm_accuracy
 from recon.pretraining.trainer import PretrainParams, build_model, calibration_clouds, train
-from recon.runtime import trainstate
+from recon.runtime import codedeps, trainstate
 
 #: arm -> PretrainParams overrides (None: no pretraining)
 ARMS: dict[str, dict | None] = {
@@ -52,21 +52,27 @@ ARMS: dict[str, dict | None] = {
 LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-MAE)",
           "distill_only": "distillation only", "recon_raw": "ReCon, raw targets",
           "recon_std": "ReCon, standardised targets", "recon_reference": "ReCon, reference settings"}
+#: the files whose source decides an arm's result: this module's import closure (a finished arm
+#: is reused only while they are unchanged)
+STUDY_CODE = codedeps.closure(__name__)
 
 
 @dataclass
 class StudyParams:
+    #: the arms to compare: random_init | rec_only | distill_only | recon_raw | recon_std | recon_reference
     arms: list[str] = field(default_factory=lambda: ["random_init", "rec_only", "distill_only", "recon_raw",
                                                      "recon_std"])
     pretrain: dict = field(default_factory=dict)      # PretrainParams shared by every arm (equal budgets)
     stores: dict = field(default_factory=dict)        # name -> classification store (held-out = its test split)
-    knn_k: int = 5
+    knn_k: int = 5                                    # neighbours of the k-NN probe
     finetune: dict = field(default_factory=lambda: {"profile": "demo", "votes": 0})   # FinetuneParams overrides
-    finetune_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    finetune_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # fine-tuning runs per arm (mean ± std)
+    #: FewshotSettings: ways, shots, folds, query
     fewshot: dict = field(default_factory=lambda: {"ways": [5], "shots": [5], "folds": 5, "query": 5})
+    #: FinetuneParams overrides of the few-shot fine-tunes
     fewshot_finetune: dict = field(default_factory=lambda: {"profile": "demo", "votes": 0})
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0                                     # every arm's seed (pretraining, probes, episodes)
+    device: str = "auto"                              # auto | cpu | cuda[:i]
 
 
 def arm_params(p: StudyParams, arm: str) -> PretrainParams:
@@ -133,7 +139,7 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
                 for seed in p.finetune_seeds]
         r["finetune"] = mean_std(accs)
         fs = FinetuneParams(**{"device": p.device, **p.fewshot_finetune})
-        settings = FewshotSettings(**{k: v for k, v in p.fewshot.items()}, seed=p.seed)
+        settings = FewshotSettings(**{**p.fewshot, "seed": p.fewshot.get("seed", p.seed)})   # fewshot.seed wins
         try:
             r["fewshot"] = fewshot_eval(train_set, test_set, settings, fs, init, log=lambda *_: None)
         except ValueError as err:   # too few shapes per class for the episode
@@ -149,9 +155,7 @@ def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     data = {name: (load_classification(path, "train"), load_classification(path, "test"))
             for name, path in p.stores.items()}
-    identity = {"study": trainstate.jsonable(p), "code": trainstate.code_fingerprint(
-        "recon.downstream.study", "recon.pretraining.trainer", "recon.pretraining.monitor", "recon.pretraining.targets", "recon.network.model", "recon.downstream.finetune",
-        "recon.downstream.cls_data", "recon.downstream.weights", "recon.downstream.inference", "recon.downstream.metrics", "recon.downstream.evaluate")}
+    identity = {"study": trainstate.jsonable(p), "code": trainstate.code_fingerprint(*STUDY_CODE)}
     results: dict[str, Any] = {}
     for arm in p.arms:
         done = out / arm / "result.json"

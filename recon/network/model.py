@@ -6,7 +6,14 @@ queries read the patch tokens through cross attention on a detached copy (stop-g
 Fine-tuning (``ReConClassifier``): all groups visible, no stop-grad, MLP head on
 concat[CLS, IMG, TXT, max over patches].
 
-Numerics follow fixtures/reference/README.md (the released reference code).
+Numerics follow the released reference code, so that its checkpoints load and give the same
+outputs: the queries are rows 0-2 ([CLS], IMG, TXT) ahead of the patches, the positional sequence
+is added before every block, a block's residual carries the normalised tensor (x = LN(x); x = x +
+Attn(x); ...), the queries cross-attend to the patches only, one final LayerNorm serves queries and
+patches, the decoder is pre-norm with a LayerNorm on the masked rows only, and Chamfer-L2 is
+mean(dist1) + mean(dist2) of squared distances. tests/test_model_reference.py checks outputs,
+losses and gradient norms against vectors computed with the reference code (the reference
+fixtures, ``../shared/fixtures/reference/`` beside the clone).
 """
 from __future__ import annotations
 
@@ -449,7 +456,7 @@ class ReConPretrain(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Module by module as the reference initialises it (SPEC §9): encoder and query tokens
+        """Module by module as the reference's ``_init_weights`` functions do: encoder and query tokens
         trunc-normal(0.02); mask token trunc-normal(0.02); decoder blocks xavier-uniform; the
         decoder's positional MLP and the rebuild head PyTorch's default; projections normal(0.02, 0.01)."""
         init_weights(self.encoder)

@@ -1,6 +1,7 @@
 """Point-cloud operations in pure, batched torch (no CUDA extensions).
 
-Conventions follow the reference GPU kernels (see fixtures/reference/README.md):
+Conventions follow the reference's GPU kernels (tests/test_pointops.py checks them, also on the
+reference fixtures' FPS vectors when ``../shared/fixtures/reference/`` is beside the clone):
 
 * farthest point sampling starts at index 0, keeps a running minimum of squared
   distances initialised at 1e10, never picks (nor updates) points whose squared norm is

@@ -1,7 +1,7 @@
 """The ReCon pretraining loop: the student against cached teacher targets.
 
-One readable loop: AdamW with the reference parameter groups, warm-up + cosine schedule per epoch
-(the reference) or per step,
+One readable loop: AdamW with the reference parameter groups (the distillation side, ``QUERY_SIDE``,
+at ``query_lr_scale`` × lr), warm-up + cosine schedule per epoch (the reference) or per step,
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
 epoch, exact resume, a non-finite-loss guard. Targets can be standardised with train-split
@@ -30,35 +30,39 @@ from recon.network.model import ReConConfig, ReConPretrain, recalibrate_batchnor
 from recon.pretraining.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
 from recon.pretraining.monitor import PretrainMonitor
 from recon.pretraining.targets import TARGET_NORMS, compute_target_stats
-from recon.runtime import trainstate
+from recon.runtime import codedeps, trainstate
 from recon.runtime.cudagraph import GraphedForwardBackward
 from recon.runtime.distributed import Dist, setup, teardown
 from recon.runtime.optim import Schedule, adamw, set_lr
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
-#: parameter names of the distillation side (with stop-grad, only the distillation losses train them)
+#: name fragments of the distillation side, trained at ``query_lr_scale`` × lr: the [CLS]/IMG/TXT tokens
+#: and positions, every block's query branch (``query_norm1/attn/norm2/mlp``) and the IMG/TXT projections.
+#: With stop-grad only the distillation losses train them ([CLS]: no default loss); the shared final
+#: LayerNorm and the SMC head ``cls_proj`` stay at lr. tests/test_optim.py checks this against the model.
 QUERY_SIDE = (".query_", "encoder.cls_", "encoder.img_", "encoder.text_", "img_proj.", "text_proj.")
 
 
 @dataclass
 class PretrainParams:
-    variant: str = "tiny"
+    variant: str = "tiny"          # student width: tiny (192/3) | small (256/4) | base (384/6)
     model: dict = field(default_factory=dict)  # ReConConfig overrides, e.g. {depth: 4, num_group: 32}
-    epochs: int = 300
+    epochs: int = 300              # passes over the pretraining shapes (the paper: 300)
     batch_size: int = 128          # global batch per optimiser step
     micro_batch: int | None = None  # per-forward batch per process; accumulation fills the rest
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: int = 10
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
+    lr: float = 5e-4               # peak learning rate (AdamW, cosine)
+    weight_decay: float = 0.05     # AdamW weight decay
+    warmup_epochs: int = 10        # linear warm-up from warmup_lr to lr
+    min_lr: float = 1e-6           # the cosine's floor
+    warmup_lr: float = 1e-6        # the warm-up's start
     schedule: str = "epoch"        # "epoch": the reference (timm cosine, per epoch); "step": per optimiser step
-    drop_path: float = 0.1
-    n_points: int = 1024
-    rotate: bool = True
+    drop_path: float = 0.1         # stochastic depth rate of the transformer blocks
+    n_points: int = 1024           # points per cloud (a random subset of the stored ones)
+    rotate: bool = True            # rotate every training cloud by a random angle about the up axis
+    #: the losses: rec (masked reconstruction), img, text (distillation)
     targets: list[str] = field(default_factory=lambda: ["rec", "img", "text"])
-    global_loss: str = "smooth_l1"
-    stop_grad: bool = True
+    global_loss: str = "smooth_l1"  # distillation loss: smooth_l1 (the reference) | l2 | cosine | infonce
+    stop_grad: bool = True         # the queries read the patch tokens detached (the reference)
     split: str = "all"             # shapes to pretrain on: all (the reference: ShapeNet train + test) | train
     target_norm: str = "none"      # none (the reference: raw teacher features) | store (train-split mean/std)
     image_variants: str = "augmented"  # with A > 1 stored variants: augmented (1..A-1) | all (0 = clean too)
@@ -67,12 +71,12 @@ class PretrainParams:
     baseline_seeds: int = 1        # random-init twins the probe compares with (mean ± std; the first = seed)
     bn_recalibrate: int = 0        # > 0: re-estimate BatchNorm running stats on this many train clouds each epoch
     query_lr_scale: float = 1.0    # lr multiplier of the query branch, query tokens and projections (distillation side)
-    seed: int = 0
+    seed: int = 0                  # initialisation, subsets, masks and shuffling
     loader_workers: int | str = "auto"  # "auto": none on CPU, up to 4 per GPU process (recon.pretraining.data.loader_workers)
-    device: str = "auto"
-    compile: bool = False
+    device: str = "auto"           # auto | cpu | cuda[:i]
+    compile: bool = False          # torch.compile the student
     cuda_graph: bool = False       # replay forward + backward (compiled or not) as one CUDA graph, one GPU
-    keep_last: int = 3
+    keep_last: int = 3             # epoch checkpoints kept (resume from the newest)
     max_steps: int | None = None   # stop early (smoke tests); the schedule still spans all epochs
 
 
@@ -276,9 +280,9 @@ def calibration_clouds(stores, count: int, n_points: int, rotate: bool, seed: in
 RUNTIME_ONLY = ("device", "loader_workers", "compile", "cuda_graph", "keep_last", "max_steps")
 
 
-#: the modules whose source decides what training computes or records (dvc.yaml lists them as deps too)
-TRAINING_CODE = ("recon.network.model", "recon.network.losses", "recon.network.pointops", "recon.pretraining.data", "recon.runtime.optim", "recon.runtime.cudagraph",
-                 "recon.pretraining.targets", "recon.pretraining.monitor", "recon.pretraining.trainer")
+#: the files whose source decides what training computes or records: this module's import closure
+#: (the pretrain stage's dvc.yaml deps hold them all, ``tests/test_codedeps.py`` checks it)
+TRAINING_CODE = codedeps.closure(__name__)
 
 
 def run_identity(p: PretrainParams, stores) -> dict:

@@ -1,5 +1,7 @@
-"""Optimiser parameter groups and the warm-up + cosine learning-rate schedules (per SPEC).
+"""Optimiser parameter groups and the warm-up + cosine learning-rate schedules.
 
+The reference recipe: AdamW, weight decay 0.05 except on biases, 1-D parameters and tokens; the
+learning rate warms up linearly from 1e-6 and then follows a cosine down to a floor of 1e-6.
 Two granularities: ``epoch`` (the reference: timm's ``CosineLRScheduler`` with ``t_in_epochs=True``,
 one learning rate per epoch) and ``step`` (a smooth per-step version of the same shape, for short
 runs such as the demo whose few epochs would otherwise be spent mostly in warm-up).
@@ -21,8 +23,18 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float,
                  boosted: tuple[str, ...] = (), boost: float = 10.0) -> list[dict]:
-    """AdamW groups: decay / no decay, and ``boost``× lr for names containing any of ``boosted``
-    (the fine-tuning head and [CLS])."""
+    """AdamW groups over ``model``'s trainable parameters (frozen ones are left out), split two ways:
+    weight decay (``weight_decay``, or 0 where :func:`no_decay` says so) and learning rate (``boost`` ×
+    ``lr`` for a parameter whose name contains any of the fragments in ``boosted``, else ``lr``).
+    Each group keeps its multiplier as ``lr_scale``, which :func:`set_lr` applies whenever the
+    schedule sets a new base rate.
+
+    The callers: pretraining (recon/pretraining/trainer.py) boosts ``QUERY_SIDE`` by
+    ``query_lr_scale`` when that is not 1 (the distillation side: the query tokens and their
+    positions, every block's query branch, the IMG/TXT projections); fine-tuning
+    (recon/downstream/finetune.py) boosts its task's names by ``head_lr_scale`` (classification:
+    ``BOOSTED``, the head and the [CLS] token/position; part segmentation: the reference's conv
+    layers outside the encoder, ``ReConPartSeg.lr_boost_names``)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from recon.runtime import codedeps
 
 PATTERN = re.compile(r"epoch-(\d+)\.pt$")
 
@@ -96,13 +97,16 @@ def resume(folder: Path, identity: dict, d, log, what: str) -> dict[str, Any] | 
     return None
 
 
-def code_fingerprint(*modules: str) -> str:
-    """sha256 over the source of the named modules: a checkpoint written by other training code
-    is another run (a rerun after a code change retrains instead of resuming a stale model)."""
+def code_fingerprint(*files: str) -> str:
+    """sha256 over source files: a checkpoint written by other training code is another run (a
+    rerun after a code change retrains instead of resuming a stale model). ``files`` are paths
+    relative to the repository root, usually a module's import closure (``codedeps.closure``); a
+    dotted module name stands for its own file. Sorted and deduplicated, each hashed as its
+    relative path and the sha256 of its bytes, so the clone's location does not matter."""
     digest = hashlib.sha256()
-    for name in modules:
-        digest.update(name.encode())
-        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    for rel in sorted({codedeps.source_file(name) for name in files}):
+        digest.update(rel.encode() + b"\0")
+        digest.update(hashlib.sha256((codedeps.ROOT / rel).read_bytes()).digest())
     return digest.hexdigest()
 
 
