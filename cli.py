@@ -37,6 +37,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                  "partseg": "recon.downstream.recipes:PartSegParams"},
     "evaluate": {"evaluate": "stages.evaluate:EvaluateParams"},
     "export": {"export": "stages.export:ExportParams"},
+    "attention": {"attention": "stages.attention:AttentionParams"},
 }
 
 SETS = typer.Option(None, "--set", metavar="KEY=VALUE",
@@ -386,6 +387,27 @@ def export(checkpoint: Optional[Path] = typer.Option(None),
 
     _run(stage.run, _params("export", sets, checkpoint=_path(checkpoint), onnx=_path(onnx), n_points=n_points,
                             check=check))
+
+
+@app.command("attention", cls=ParamsCommand)
+def attention(checkpoints: Optional[list[str]] = typer.Argument(None, show_default=False,
+                                                                help="a folder stands for its model.pt or latest "
+                                                                     "checkpoint (a study arm's cache/study/<arm>)"),
+              store: Optional[Path] = typer.Option(None),
+              split: Optional[str] = typer.Option(None),
+              shapes: Optional[int] = typer.Option(None),
+              n_points: Optional[int] = typer.Option(None),
+              seed: Optional[int] = typer.Option(None),
+              baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline"),
+              out: Optional[Path] = typer.Option(None, "--out"),
+              device: Optional[str] = typer.Option(None),
+              sets: Optional[list[str]] = SETS) -> None:
+    """Mean attention distance of every encoder block (patch tokens and queries), checkpoints side by side: JSON + plot."""
+    from stages import attention as stage
+
+    p = _params("attention", sets, checkpoints=checkpoints or None, store=_path(store), split=split, shapes=shapes,
+                n_points=n_points, seed=seed, baseline=baseline, out=_path(out), device=device)
+    _run(stage.run, p)
 
 
 show_app = typer.Typer(help="Pictures for a person to look at.", no_args_is_help=True)

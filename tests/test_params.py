@@ -26,7 +26,7 @@ PARAMS = {"pretrain": {"epochs": 7, "model": {"depth": 6, "num_group": 32}},
           "study": {"pretrain": {"monitor_every": 8}}}
 STAGE_MODULES = {"demo-data": "demo_data", "index": "index", "render": "render", "sample": "sample", "embed": "embed",
                  "pretrain": "pretrain", "study": "study", "convert": "convert", "finetune": "finetune",
-                 "evaluate": "evaluate", "export": "export"}
+                 "evaluate": "evaluate", "export": "export", "attention": "attention"}
 
 
 @pytest.fixture

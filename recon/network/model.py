@@ -18,6 +18,8 @@ fixtures, ``../shared/fixtures/reference/`` beside the clone).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -113,12 +115,20 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, use_sdpa: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B,H,N,d] tensors."""
+def attention_probs(q: Tensor, k: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) [B,H,Nq,Nk]: the weights :func:`attend` applies to v."""
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, use_sdpa: bool, record: list[Tensor] | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B,H,N,d] tensors. With a ``record`` list (only while
+    :func:`record_attention` is active) the probabilities are also computed explicitly and appended,
+    detached; the returned tensor is computed exactly as without it."""
+    if record is not None:
+        record.append(attention_probs(q, k).detach())
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v)
-    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return attn.softmax(dim=-1) @ v
+    return attention_probs(q, k) @ v
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -134,6 +144,8 @@ def merge_heads(x: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention; ``qkv`` packs rows [q; k; v]."""
 
+    record: list[Tensor] | None = None   # where attend appends the probabilities (record_attention)
+
     def __init__(self, dim: int, heads: int, qkv_bias: bool = False, use_sdpa: bool = True) -> None:
         super().__init__()
         self.heads, self.use_sdpa = heads, use_sdpa
@@ -142,11 +154,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(merge_heads(attend(q, k, v, self.use_sdpa)))
+        return self.proj(merge_heads(attend(q, k, v, self.use_sdpa, self.record)))
 
 
 class CrossAttention(nn.Module):
     """Queries ``x`` attend to ``context``; ``kv`` packs rows [k; v]."""
+
+    record: list[Tensor] | None = None   # where attend appends the probabilities (record_attention)
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = False, use_sdpa: bool = True) -> None:
         super().__init__()
@@ -158,7 +172,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         q = split_heads(self.q(x), self.heads)
         k, v = (split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
-        return self.proj(merge_heads(attend(q, k, v, self.use_sdpa)))
+        return self.proj(merge_heads(attend(q, k, v, self.use_sdpa, self.record)))
 
 
 class Mlp(nn.Module):
@@ -378,6 +392,28 @@ class ReConEncoder(nn.Module):
             block_outputs.append(x)
         return dict(group_tokens=group_tokens, patch_pos=patch_pos,
                     block_outputs=block_outputs, tokens=self.norm(x))
+
+
+@contextmanager
+def record_attention(encoder: ReConEncoder) -> Iterator[list[dict[str, list[Tensor]]]]:
+    """While active, every block of ``encoder`` keeps the softmax probabilities of its two
+    attentions, one detached tensor per forward: ``records[i]["patch"]`` [B,H,V,V] (the patches
+    among themselves, ``patch_attn``) and ``records[i]["query"]`` [B,H,3,V] (the CLS/IMG/TXT
+    queries over the patches, ``query_attn``). They are computed explicitly beside the unchanged
+    outputs (SDPA or not), so the network's numbers are identical; off by default, and outside
+    the context nothing is computed or kept."""
+    attns = [(block.patch_attn, block.query_attn) for block in encoder.blocks]
+    if any(a.record is not None for pair in attns for a in pair):
+        raise RuntimeError("record_attention is already active on this encoder")
+    records: list[dict[str, list[Tensor]]] = []
+    for patch_attn, query_attn in attns:
+        records.append({"patch": [], "query": []})
+        patch_attn.record, query_attn.record = records[-1]["patch"], records[-1]["query"]
+    try:
+        yield records
+    finally:
+        for patch_attn, query_attn in attns:
+            patch_attn.record = query_attn.record = None
 
 
 def split_groups(mask: Tensor, num_mask: int) -> tuple[Tensor, Tensor]:
