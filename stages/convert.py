@@ -70,8 +70,15 @@ def run(p: ConvertParams) -> list[C.ConvertResult]:
                                                p.chunk_rows, console.print)]
         elif p.format == "demo-parts":
             from pipeline.demo_parts import convert_demo_parts
+            from pipeline.unused import mark_unused, unused_reason
 
-            results = [convert_demo_parts(src, out, p.points or 2048, p.seed, p.chunk_rows, console.print)]
+            reason = unused_reason(layout.CacheLayout(src).root / layout.DEMO_MESHES)
+            if reason:   # the pipeline runs on your own meshes: they have no demo part labels
+                mark_unused(out, f"no demo meshes ({reason})")
+                console.print(f"convert demo-parts: not needed ({reason}); {out} holds only a marker")
+                results = []
+            else:
+                results = [convert_demo_parts(src, out, p.points or 2048, p.seed, p.chunk_rows, console.print)]
         else:
             results = [C.convert_points(src, out, p.points, **common)]
     failures = [f for r in results for f in r.failures]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import layout
-from stages.common import Timer, console
+from stages.common import Timer, build_params, console
 
 
 @dataclass
@@ -16,12 +16,20 @@ class DemoParams:
     shapes_per_category: int = 24                  # procedural meshes per category
     seed: int = 0                                  # the meshes' random shapes
     categories: list[str] = field(default_factory=list)  # empty: all demo categories
+    only_if_indexed: bool = False                  # skip unless index.root is `out` (dvc: your own meshes skip the demo)
 
 
 def run(p: DemoParams) -> Path:
     from pipeline.demo import generate_demo
+    from pipeline.unused import mark_unused
+    from stages.index import IndexParams
 
     out = Path(p.out)
+    root = build_params(IndexParams, "index").root if p.only_if_indexed else p.out
+    if Path(root).resolve() != out.resolve():   # the pipeline indexes your own meshes: no demo needed
+        mark_unused(out, f"index.root is {root}, not the demo meshes ({out})")
+        console.print(f"demo-data: not needed (index.root is {root}); {out} holds only a marker")
+        return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with Timer() as timer:

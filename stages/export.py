@@ -9,6 +9,7 @@ opset, tolerance) is ``check_details.json`` / ``partseg_check_details.json`` bes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ def checkpoint_task(path: str) -> str:
 
 
 def run(p: ExportParams) -> dict:
+    ckpt = torch.load(p.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    if "not_used" in ckpt:   # a placeholder of a stage that did not apply (the demo's parts on your own meshes)
+        return write_unused(p, ckpt)
     if checkpoint_task(p.checkpoint) == "partseg":
         return run_partseg(p)
     model, ckpt = load_finetuned(p.checkpoint)
@@ -82,4 +86,17 @@ def run_partseg(p: ExportParams) -> dict:
         report["max_abs_diff"] = check_partseg_onnx(path, model, points, category, p.atol)
     write_metrics(metrics_dir(path.parent) / f"{path.stem}_check.json", report, headline(report))
     console.print(f"[green]export: {path}[/]", report)
+    return report
+
+
+def write_unused(p: ExportParams, ckpt: dict) -> dict:
+    """Placeholders for a placeholder checkpoint: an empty ``.onnx`` file (DVC expects the output)
+    and a report that says why; nothing is exported."""
+    path = Path(p.onnx)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    report = {"onnx": str(path), "task": ckpt.get("task"), "not_used": ckpt["not_used"]}
+    name = f"{path.stem}_check.json" if ckpt.get("task") == "partseg" else "check.json"
+    write_metrics(metrics_dir(path.parent) / name, report, headline(report))
+    console.print(f"export: not needed ({ckpt['not_used']}); {path} is an empty placeholder")
     return report

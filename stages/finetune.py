@@ -14,6 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from pipeline import layout
 from pipeline.store import open_store
 from recon.downstream.cls_data import load_classification
@@ -57,6 +59,10 @@ def params(overrides: dict | None = None, task: str = "classification",
 def run(p: FinetuneParams, out: Path | None = None) -> dict:
     task = p.task
     out = out or layout.CacheLayout(cache_dir()).stage(TASKS[task][0])
+    from pipeline.unused import unused_reason
+
+    if reason := unused_reason(p.store):
+        return write_unused(task, out, f"{p.store} is not used ({reason})")
     d = setup(p.device)
     try:
         store = open_store(p.store)
@@ -93,3 +99,22 @@ def run(p: FinetuneParams, out: Path | None = None) -> dict:
         return metrics
     finally:
         teardown(d)
+
+
+def write_unused(task: str, out: Path, reason: str) -> dict:
+    """The outputs DVC expects, as placeholders, when the store is a placeholder (the demo's part
+    labels on a run over your own meshes): ``model.pt`` holds only the reason (export skips it),
+    the picture says it, the history has its header, the headline is empty."""
+    from PIL import Image, ImageDraw
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"task": task, "not_used": reason}, out / "model.pt")
+    picture = Image.new("RGB", (640, 40), (255, 255, 255))
+    ImageDraw.Draw(picture).text((8, 14), f"not used: {reason}"[:100], fill=(0, 0, 0))
+    picture.save(out / TOP_LEVEL[task][1])
+    for name in PUBLISHED[task]:
+        (metrics_dir(out) / name).parent.mkdir(parents=True, exist_ok=True)
+        (metrics_dir(out) / name).write_text("epoch\n" if name == "history.csv" else "")
+    write_metrics(metrics_dir(out) / "metrics.json", {"not_used": reason}, {})
+    console.print(f"{TASKS[task][0]}: not needed: {reason}")
+    return {}

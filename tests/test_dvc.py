@@ -201,3 +201,51 @@ def test_experiment_sweep_rows_carry_their_metrics(project):
     points = [v for plot in plots["data"]["finetune_history"] for v in plot["content"]["data"]["values"]
               if v.get("field") == "loss"]
     assert Counter(v["rev"] for v in points) == {one: 1, three: 3}  # one history row per epoch
+
+
+def test_your_own_mesh_folder_through_dvc(tmp_path_factory):
+    """`dvc repro` with index.root set to a plain `<category>/<mesh>` folder outside the project:
+    the whole pipeline runs on it; the demo-only stages (generator, part labels, part segmentation
+    and its export) leave marked placeholders instead of failing or generating anything; folder
+    names reach the text teacher as words; a new mesh in the folder changes index, not demo_data."""
+    import trimesh
+
+    base = tmp_path_factory.mktemp("own")
+    meshes = base / "meshes"
+    for category, make in (("Musical_Instrument", lambda k: trimesh.creation.box([1.0, 0.3 + 0.1 * k, 0.2])),
+                           ("NonWheelChair", lambda k: trimesh.creation.icosphere(1, radius=0.5 + 0.1 * k))):
+        (meshes / category).mkdir(parents=True)
+        for k in range(4):
+            make(k).export(meshes / category / f"m{k}.obj")
+    project = base / "project"
+    for name in _project_files():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params.setdefault(section, {}).update(values)
+    params["index"]["root"] = str(meshes)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+
+    first = _dvc(project, "repro")
+    assert "Running stage 'finetune'" in first and "Running stage 'evaluate'" in first
+    cache = project / "cache"
+    assert [p.name for p in (cache / "demo_meshes").iterdir()] == ["NOT_USED.json"]   # nothing generated
+    import polars as pl
+    shapes = pl.read_parquet(cache / "shapes.parquet")
+    assert shapes.height == 8 and set(shapes["category"]) == {"Musical_Instrument", "NonWheelChair"}
+    from pipeline.store import open_store
+    texts = [str(t) for t in open_store(cache / "teachers" / "text.zarr")["texts"][:]]
+    assert texts == ["musical instrument", "non wheel chair"]
+    finetuned = json.loads((cache / "metrics" / "finetune" / "details.json").read_text())
+    assert finetuned["test_shapes"] >= 2 and isinstance(finetuned["test_acc"], float)
+    for details in ("partseg/details.json", "export/partseg_check_details.json"):
+        assert "not_used" in json.loads((cache / "metrics" / details).read_text()), details
+    assert json.loads((cache / "metrics" / "partseg" / "metrics.json").read_text()) == {}
+    assert (cache / "export" / "partseg.onnx").stat().st_size == 0
+    assert (cache / "export" / "classifier.onnx").stat().st_size > 1000
+
+    trimesh.creation.box([0.5, 0.5, 0.5]).export(meshes / "NonWheelChair" / "m9.obj")
+    status = _dvc(project, "status")
+    assert re.search(r"^index:", status, flags=re.M) and not re.search(r"^demo_data:", status, flags=re.M), status
