@@ -3,10 +3,16 @@
 Tasks: ``svm`` (linear SVM on frozen features), ``zeroshot`` (text-teacher prototypes, test split
 only) and ``fewshot`` (n-way k-shot episodes, a fine-tune per fold). With ``baseline`` the same
 tasks also run on the checkpoint's network at random init (seeded), reported beside it under
-``random_init``. Outputs of the pipeline's own run: ``cache/evaluate/zeroshot/confusion.png`` and,
-git-tracked in ``cache/metrics/evaluate/``, ``details.json`` (one section per task), ``metrics.json``
-(the headline dvc.yaml declares: :func:`headline`) and ``zeroshot/confusion.csv``; a run by hand
-with ``out`` writes all of them into that folder.
+``random_init``. BatchNorm statistics are a controlled variable: the frozen probes (``svm``,
+``zeroshot``) run for each network under every treatment of ``bn_treatments``
+(:data:`recon.pretraining.probes.BN_TREATMENTS`: saved, reset, recalibrated on ``bn_recalibrate``
+train clouds), reported per network under ``bn_treatments``; the top-level ``svm`` / ``zeroshot``
+are the checkpoint as saved, and ``verdict`` compares that figure, per probe, with the strongest
+random-init treatment (:func:`recon.pretraining.probes.verdict`). Outputs of the pipeline's own
+run: ``cache/evaluate/zeroshot/confusion.png`` and, git-tracked in ``cache/metrics/evaluate/``,
+``details.json`` (one section per task), ``metrics.json`` (the headline dvc.yaml declares:
+:func:`headline`) and ``zeroshot/confusion.csv``; a run by hand with ``out`` writes all of them
+into that folder.
 """
 
 from __future__ import annotations
@@ -20,34 +26,43 @@ from pipeline import layout
 from recon.downstream.cls_data import load_classification
 from recon.downstream.evaluate import (
     FewshotSettings,
-    baseline_batchnorm,
     fewshot_eval,
     fewshot_from_folds,
     load_pretrained,
+    recalibration_clouds,
     svm_eval,
     zeroshot_eval,
 )
 from recon.downstream.metrics import write_confusion
 from recon.downstream.recipes import FinetuneParams
 from recon.downstream.weights import InitSource, load_init
-from recon.pretraining.probes import random_init_like
+from recon.pretraining.probes import BN_TREATMENTS, check_treatments, per_treatment, random_init_like, verdict
 from recon.runtime import trainstate
 from recon.runtime.distributed import pick_device
 from stages.common import StageError, build_params, cache_dir, console, metrics_dir, publish, write_metrics
 
 TASKS = ("svm", "zeroshot", "fewshot")
+#: headline name -> (task, figure) of the frozen probes, each with a verdict under ``baseline``
+PROBE_FIGURES = {"svm": ("svm", "test_acc"), "svm_standardized": ("svm", "test_acc_standardized"),
+                 "zeroshot_top1": ("zeroshot", "top1_acc"), "zeroshot_top5": ("zeroshot", "top5_acc")}
 
 
 def headline(details: dict) -> dict:
     """The figures compared across experiments (``metrics.json``), for the checkpoint and, with
     ``baseline``, for its network at random init (suffix ``_random_init``): the SVM's held-out
     accuracy on raw and on standardised features, zero-shot top-1 / top-5, and the few-shot mean
-    ± std of each setting. Everything else stays in ``details.json``."""
+    ± std of each setting. The checkpoint's probe figures are its BatchNorm statistics as saved; a
+    probe's ``*_random_init`` is the strongest random-init variant, the max over BatchNorm
+    treatments (``verdict``; details written before the treatments: the recalibrated baseline of
+    ``random_init``). Everything else stays in ``details.json``."""
     found: dict = {}
+    verdicts = details.get("verdict") or {}
     for section, suffix in ((details, ""), (details.get("random_init") or {}, "_random_init")):
         svm, zs = section.get("svm") or {}, section.get("zeroshot") or {}
         figures = {"svm": svm.get("test_acc"), "svm_standardized": svm.get("test_acc_standardized"),
                    "zeroshot_top1": zs.get("top1_acc"), "zeroshot_top5": zs.get("top5_acc")}
+        if suffix and verdicts:
+            figures.update({name: v.get("random_init") for name, v in verdicts.items() if name in PROBE_FIGURES})
         for setting, result in (section.get("fewshot") or {}).items():
             figures.update({f"fewshot_{setting}": result.get("mean"), f"fewshot_{setting}_std": result.get("std")})
         found.update({k + suffix: v for k, v in figures.items() if isinstance(v, (int, float))})
@@ -75,7 +90,10 @@ class EvaluateParams:
     batch: int = 64                               # clouds per forward
     seed: int = 0                                 # episodes, subsets and the baseline's init
     baseline: bool = False                        # also evaluate the same network at random init (seed)
-    bn_recalibrate: int = 256                     # the baseline's BatchNorm statistics from this many train clouds
+    #: BatchNorm treatments every network's svm / zeroshot runs under (saved | reset | recalibrated; saved is
+    #: required): the statistics alone moved a linear probe by up to 7 points, so they are a controlled variable
+    bn_treatments: list[str] = field(default_factory=lambda: list(BN_TREATMENTS))
+    bn_recalibrate: int = 256                     # train clouds (seeded) of the recalibrated treatment; 0: none
     out: str | None = None                        # folder of metrics.json; None = <cache>/evaluate
     device: str = "auto"                          # auto | cpu | cuda[:i]
 
@@ -93,6 +111,10 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
     unknown = sorted(set(p.tasks) - set(TASKS))
     if unknown:
         raise StageError(f"unknown evaluate task(s) {unknown}; choose from {TASKS}")
+    try:
+        treatments = check_treatments(p.bn_treatments)
+    except ValueError as err:
+        raise StageError(f"bn_treatments: {err}") from None
     device = pick_device(p.device)
     torch.manual_seed(p.seed)
     metrics: dict = {"checkpoint": p.checkpoint, "store": p.store}
@@ -104,33 +126,62 @@ def run(p: EvaluateParams, out: Path | None = None) -> dict:
     # (name, network) pairs evaluated side by side: the checkpoint, then its architecture at random init
     nets = [("pretrained", model)] + ([("random_init", random_init_like(model, p.seed).to(device))] if p.baseline else [])
     sections = {name: metrics if name == "pretrained" else metrics.setdefault(name, {"seed": p.seed}) for name, _ in nets}
-    if p.baseline:  # fresh BatchNorm running stats (mean 0, var 1) are not the network's statistics on any data
-        calibrated = baseline_batchnorm(nets[1][1], train, p.n_points, p.normalize, p.bn_recalibrate, p.seed, device)
-        sections["random_init"]["bn_recalibrated_clouds"] = calibrated
-    if "svm" in p.tasks:
-        for name, net in nets:
-            svm = sections[name]["svm"] = svm_eval(net, train, test, p.n_points, p.normalize, p.svm_c, p.batch,
-                                                   device, p.seed)
-            console.print(f"svm ({name}): train {svm['train_acc']:.2f}%, test {svm['test_acc']:.2f}% (raw features, "
-                          f"as the reference); standardised: train {svm['train_acc_standardized']:.2f}%, "
-                          f"test {svm['test_acc_standardized']:.2f}%")
-    if "zeroshot" in p.tasks:
+    probes = [t for t in ("svm", "zeroshot") if t in p.tasks]
+    if probes:
+        clouds = recalibration_clouds(train, p.n_points, p.normalize, p.bn_recalibrate, p.seed, device) \
+            if "recalibrated" in treatments else None
+        for section in sections.values():
+            section["bn_recalibrated_clouds"] = 0 if clouds is None else len(clouds)
         image_store = p.image_store if p.image_store and Path(p.image_store).exists() else None
+
+        def measure(net) -> dict:
+            """The frozen probes of one network under one BatchNorm treatment."""
+            found = {}
+            if "svm" in probes:
+                found["svm"] = svm_eval(net, train, test, p.n_points, p.normalize, p.svm_c, p.batch, device, p.seed)
+            if "zeroshot" in probes:
+                found["zeroshot"] = zeroshot_eval(net, test, p.text_store, image_store, p.ratio, p.n_points,
+                                                  p.normalize, p.batch, device)
+            return found
+
+        by_net = {}
         for name, net in nets:
-            zs = zeroshot_eval(net, test, p.text_store, image_store, p.ratio, p.n_points, p.normalize, p.batch, device)
-            pred = zs.pop("_pred")
-            if name == "pretrained":
-                write_confusion(out / "zeroshot", pred, test.labels, test.class_names,
-                                f"zero-shot top-1 {zs['top1_acc']:.2f}%")
-                if results != out:
-                    publish(out / "zeroshot" / "confusion.csv", results / "zeroshot" / "confusion.csv")
-            sections[name]["zeroshot"] = zs
-            console.print(f"zeroshot ({name}, {zs['shape_feature']}): top-1 {zs['top1_acc']:.2f}%, "
-                          f"top-5 {zs['top5_acc']:.2f}%")
+            by_net[name] = per_treatment(net, treatments, clouds, measure)
+            for treatment, found in by_net[name].items():
+                svm, zs = found.get("svm"), found.get("zeroshot")
+                if svm:
+                    console.print(f"svm ({name}, BatchNorm {treatment}): train {svm['train_acc']:.2f}%, test "
+                                  f"{svm['test_acc']:.2f}% (raw features, as the reference); standardised: train "
+                                  f"{svm['train_acc_standardized']:.2f}%, test {svm['test_acc_standardized']:.2f}%")
+                if zs:
+                    pred = zs.pop("_pred")
+                    if name == "pretrained" and treatment == "saved":
+                        write_confusion(out / "zeroshot", pred, test.labels, test.class_names,
+                                        f"zero-shot top-1 {zs['top1_acc']:.2f}%")
+                        if results != out:
+                            publish(out / "zeroshot" / "confusion.csv", results / "zeroshot" / "confusion.csv")
+                    console.print(f"zeroshot ({name}, BatchNorm {treatment}, {zs['shape_feature']}): top-1 "
+                                  f"{zs['top1_acc']:.2f}%, top-5 {zs['top5_acc']:.2f}%")
+            if name == "pretrained":   # the checkpoint as saved keeps the top-level keys (their meaning before)
+                metrics.update(by_net[name]["saved"])
+            sections[name]["bn_treatments"] = by_net[name]
+        if p.baseline:
+            # per probe: the checkpoint as saved against the strongest random-init treatment (a max over the
+            # baseline's test figures: it only makes the baseline stronger, so the verdict is conservative)
+            metrics["verdict"] = {
+                figure: verdict({t: r[task][key] for t, r in by_net["pretrained"].items()},
+                                {t: r[task][key] for t, r in by_net["random_init"].items()})
+                for figure, (task, key) in PROBE_FIGURES.items() if task in probes}
+            for figure, v in metrics["verdict"].items():
+                console.print(f"verdict {figure}: pretrained ({v['pretrained_treatment']}) {v['pretrained']:.2f}% vs "
+                              f"strongest random init ({v['random_init_treatment']}) {v['random_init']:.2f}%: "
+                              f"{v['margin']:+.2f}")
     if "fewshot" in p.tasks:
         ft = FinetuneParams(**{"profile": "fewshot", "votes": 0, "init": p.checkpoint, "device": p.device,
                                **p.fewshot_finetune})
         inits = [("pretrained", load_init(ft.init))]
+        # each network once, BatchNorm statistics as saved (a random init: as initialised): fine-tuning trains
+        # BatchNorm in train mode, and momentum 0.1 leaves nothing of the initial statistics after tens of steps
         if p.baseline:
             baseline = nets[1][1]
             inits.append(("random_init", InitSource(baseline.state_dict(), trainstate.jsonable(baseline.cfg),

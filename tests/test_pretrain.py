@@ -441,16 +441,22 @@ def test_monitor_baselines_match_brute_force(tmp_path):
     assert PretrainMonitor(stores, train_rows, test_rows, model, "infonce", 64, range(1, 3), None).baselines == {}
     record = monitor.record(model)
     for key in ("knn", "svm", "svm_std"):                                # the model *is* its seed-0 init
-        assert record[f"probe_{key}_random_init"] == record[f"probe_{key}"]
+        for treatment in ("reset", "recalibrated"):
+            assert record[f"probe_{key}_{treatment}"] == record[f"probe_{key}_random_init_{treatment}"]
+        assert record[f"probe_{key}_random_init_saved"] == record[f"probe_{key}"] == record[f"probe_{key}_reset"]
+        assert record[f"probe_{key}_random_init"] == max(record[f"probe_{key}_random_init_{t}"]
+                                                         for t in ("saved", "reset", "recalibrated"))
         assert record[f"probe_{key}_random_init_std"] == 0.0             # one baseline seed: no spread
     assert record["test_loss_img_ratio"] == pytest.approx(record["test_loss_img"] / record["test_loss_img_baseline"])
 
 
 def test_random_init_probe_is_the_mean_and_spread_over_baseline_seeds(tmp_path):
     """The probe's random-init figure is the mean ± std over seeded twins, the first of them the
-    trained model's own starting point; each twin is an independent, recalibrated network."""
+    trained model's own starting point; each twin is an independent network, probed under every
+    BatchNorm treatment (saved = as initialised = reset; recalibrated on a seeded choice of the
+    monitor's train clouds), and the headline's random-init figure is the strongest treatment's mean."""
     from recon.pretraining.monitor import PretrainMonitor
-    from recon.pretraining.probes import random_init_like
+    from recon.pretraining.probes import BN_TREATMENTS, random_init_like, with_batchnorm
 
     stores = open_pretrain_stores(write_synthetic_cache(tmp_path / "c", n_per_class=5, variants=3))
     split = stores.shapes["split"].to_numpy()
@@ -460,18 +466,52 @@ def test_random_init_probe_is_the_mean_and_spread_over_baseline_seeds(tmp_path):
     with pytest.raises(ValueError, match="baseline_seeds"):
         PretrainMonitor(stores, train_rows, test_rows, model, "cosine", 64, range(1, 3), None, baseline_seeds=0)
     monitor = PretrainMonitor(stores, train_rows, test_rows, model, "cosine", 64, range(1, 3), None, seed=5,
-                              baseline_seeds=3)
-    twins = [monitor.probe(monitor.encode(random_init_like(model, 5 + k))) for k in range(3)]
+                              baseline_seeds=3, bn_clouds=6)
+    clouds = monitor.bn_clouds
+    assert len(clouds) == 6 and all(any(torch.equal(c, torch.from_numpy(x)) for x in monitor.sets["train"].clouds)
+                                    for c in clouds)
+    twins = {t: [monitor.probe(monitor.encode(with_batchnorm(random_init_like(model, 5 + k), t, clouds)))
+                 for k in range(3)] for t in BN_TREATMENTS}
     assert monitor.random_probes == twins
-    assert len({json.dumps(t, sort_keys=True) for t in twins}) > 1                # the seeds give different nets
+    assert len({json.dumps(t, sort_keys=True) for t in twins["saved"]}) > 1       # the seeds give different nets
     record = monitor.record(model)
     for key in ("knn", "svm", "svm_std"):
-        values = [t[key] for t in twins]
-        assert record[f"probe_{key}_random_init"] == pytest.approx(np.mean(values))
-        assert record[f"probe_{key}_random_init_std"] == pytest.approx(np.std(values))
+        means = {t: np.mean([r[key] for r in twins[t]]) for t in BN_TREATMENTS}
+        for t in BN_TREATMENTS:
+            assert record[f"probe_{key}_random_init_{t}"] == pytest.approx(means[t])
+        best = max(BN_TREATMENTS, key=lambda t: means[t])
+        assert record[f"probe_{key}_random_init"] == pytest.approx(means[best])
+        assert record[f"probe_{key}_random_init_std"] == pytest.approx(np.std([r[key] for r in twins[best]]))
+        for t in ("reset", "recalibrated"):                               # the model under the other treatments
+            assert record[f"probe_{key}_{t}"] == monitor.probe(monitor.encode(with_batchnorm(model, t, clouds)))[key]
     final = monitor.final(model)
-    assert final["probe"]["random_init_seeds"] == {"5": twins[0], "6": twins[1], "7": twins[2]}
-    assert final["probe"]["random_init"]["knn"] == twins[0]["knn"]            # by-part detail: the first twin
+    assert {t: r["seeds"] for t, r in final["probe"]["bn_treatments"]["random_init"].items()} == {
+        t: {"5": twins[t][0], "6": twins[t][1], "7": twins[t][2]} for t in BN_TREATMENTS}
+    assert final["probe"]["random_init"]["knn"] == twins["saved"][0]["knn"]    # by-part detail: the first twin
+    for key, v in final["probe"]["verdict"].items():
+        assert v["pretrained"] == record[f"probe_{key}"] and v["random_init"] == record[f"probe_{key}_random_init"]
+        assert v["margin"] == pytest.approx(v["pretrained"] - v["random_init"])
+    # only the model as saved: no other treatment is computed or recorded
+    saved_only = PretrainMonitor(stores, train_rows, test_rows, model, "cosine", 64, range(1, 3), None, seed=5,
+                                 bn_treatments=["saved"])
+    assert saved_only.bn_clouds is None and list(saved_only.random_probes) == ["saved"]
+    assert not [k for k in saved_only.record(model) if k.endswith(("_reset", "_recalibrated"))]
+
+
+def test_the_monitor_records_every_bn_treatment_per_epoch(cache, tmp_path):
+    """Every monitored epoch has the model's probe under each BatchNorm treatment and the twins' per
+    treatment, and recording them leaves training as it was (the treatments work on copies)."""
+    keys = [f"probe_{key}{suffix}" for key in ("knn", "svm", "svm_std")
+            for suffix in ("", "_reset", "_recalibrated", "_random_init", "_random_init_std",
+                           "_random_init_saved", "_random_init_reset", "_random_init_recalibrated")]
+    monitored = train(tiny_params(bn_recalibrate=4), cache, tmp_path / "a", log=lambda *_: None)
+    for row in monitored["history"]:
+        assert all(isinstance(row[k], float) for k in keys), sorted(set(keys) - set(row))
+    quiet = train(tiny_params(bn_recalibrate=4, monitor_bn_treatments=["saved"]), cache, tmp_path / "b",
+                  log=lambda *_: None)
+    assert not [k for k in quiet["history"][-1] if k.endswith(("_reset", "_recalibrated"))]
+    assert [r["loss"] for r in quiet["history"]] == [r["loss"] for r in monitored["history"]]
+    torch.testing.assert_close(quiet["model"].state_dict(), monitored["model"].state_dict(), rtol=0, atol=0)
 
 
 def write_demo_like_cache(cache: Path, n_per_class: int = 10, n_points: int = 256, image_dim: int = 64,

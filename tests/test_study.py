@@ -50,8 +50,10 @@ def test_every_arm_with_equal_budgets(study):
             assert r["params"][key] == value, (arm, key)
         assert len(r["history"]) == (0 if arm == "random_init" else 2)
     assert arms["recon_raw"]["params"]["target_norm"] == "none" and arms["recon_std"]["params"]["target_norm"] == "store"
-    table = (root / "study" / "table.md").read_text().splitlines()
-    assert len(table) == 2 + 5 and all(f"| demo | " in line for line in table[2:])
+    main, treatments, verdicts = ((root / "study" / "table.md").read_text().split("\n\n")[k].splitlines()
+                                  for k in (0, 2, 4))
+    assert len(main) == 2 + 5 and all(f"| demo | " in line for line in main[2:])
+    assert len(treatments) == 2 + 5 * 3 and len(verdicts) == 2 + 4                # every arm x treatment; 4 verdicts
     assert (root / "study" / "probe_vs_epochs.png").stat().st_size > 5000
 
 
@@ -70,8 +72,8 @@ def test_figures_agree_with_a_recomputation(study):
         assert ft["std"] == pytest.approx(np.std(ft["values"]))
         folds = s["fewshot"]["2way2shot"]["folds"]
         assert len(folds) == 2 and s["fewshot"]["2way2shot"]["mean"] == pytest.approx(np.mean(folds))
-    # the random-init row is a fresh, seeded network of the arms' configuration (BatchNorm statistics
-    # recalibrated like theirs); recomputing it gives the same figures, a pretrained arm others
+    # the random-init row is a fresh, seeded network of the arms' configuration (BatchNorm statistics as
+    # initialised); recomputing it gives the same figures, a pretrained arm others
     from recon.downstream.study import StudyParams, encoder_for
     p = StudyParams(**{k: v for k, v in json.loads((root / "study" / "results.json").read_text()).items()
                        if k in ("finetune_seeds", "fewshot", "stores")},
@@ -83,6 +85,37 @@ def test_figures_agree_with_a_recomputation(study):
         {k: summary["arms"]["random_init"]["stores"]["demo"][k] for k in ("knn", "svm", "svm_std")}
     history = summary["arms"]["recon_std"]["history"]
     assert history[0]["probe_knn_random_init"] == history[1]["probe_knn_random_init"]
+
+
+def test_every_arm_under_every_bn_treatment_and_the_verdict(study):
+    """The frozen probes of every arm under each BatchNorm treatment (the arm's own figures: as saved),
+    the random-init arm's reset = its saved (statistics as initialised), and each pretrained arm's
+    verdict: its saved figure against the random-init arm's strongest treatment."""
+    from recon.downstream.study import frozen_probes
+    from recon.pretraining.probes import BN_TREATMENTS
+
+    root, store, summary, _, _ = study
+    for arm, r in summary["arms"].items():
+        s = r["stores"]["demo"]
+        assert list(s["bn_treatments"]) == list(BN_TREATMENTS), arm
+        assert {k: s["bn_treatments"]["saved"][k] for k in ("knn", "svm", "svm_std")} == \
+            {k: s[k] for k in ("knn", "svm", "svm_std")}
+    baseline = summary["arms"]["random_init"]["stores"]["demo"]["bn_treatments"]
+    assert baseline["reset"] == baseline["saved"]
+    assert set(summary["verdict"]["demo"]) == set(summary["arms"]) - {"random_init"}
+    for arm, verdicts in summary["verdict"]["demo"].items():
+        for key, v in verdicts.items():
+            assert v["pretrained"] == summary["arms"][arm]["stores"]["demo"][key]
+            assert v["pretrained_treatment"] == "saved"
+            assert v["random_init"] == max(b[key] for b in baseline.values())
+            assert baseline[v["random_init_treatment"]][key] == v["random_init"]
+    # recomputed: the random-init arm under every treatment (recalibrated on the store's seeded train clouds)
+    from recon.downstream.study import StudyParams, encoder_for
+    p = StudyParams(pretrain=summary["arms"]["random_init"]["params"], device="cpu")
+    model, _ = encoder_for(p, "random_init", root / "cache", root / "unused")
+    train, test = load_classification(store, "train"), load_classification(store, "test")
+    again = frozen_probes(model, train, test, 256, 5, 0, "cpu", list(BN_TREATMENTS), p.bn_recalibrate)
+    assert again == baseline
 
 
 def test_a_rerun_reuses_finished_arms(study):

@@ -57,18 +57,27 @@ def pretrain_from_init(init: InitSource) -> ReConPretrain:
     return model.eval()
 
 
+def recalibration_clouds(train: ClsData | None, n_points: int, normalize: bool, count: int, seed: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """``count`` train clouds (a seeded choice) as evaluation inputs [N, n_points, 3] on ``device``:
+    what the ``recalibrated`` BatchNorm treatment (:func:`recon.pretraining.probes.with_batchnorm`)
+    re-estimates the statistics on. None when there are none to take."""
+    if train is None or count <= 0 or not len(train.labels):
+        return None
+    rows = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
+    return torch.from_numpy(eval_clouds(train.subset(rows), n_points, normalize, device)).to(device)
+
+
 def baseline_batchnorm(model: ReConPretrain, train: ClsData | None, n_points: int, normalize: bool, count: int,
                        seed: int, device: torch.device | str = "cpu") -> int:
-    """Re-estimate a random-init network's BatchNorm statistics on ``count`` train clouds (a seeded
-    choice, evaluation inputs), as pretraining does with ``bn_recalibrate``: fresh running
-    statistics (mean 0, variance 1) are ~1e4 times the real variance of the first layer's output,
-    so an uncalibrated baseline is weaker than the network it stands for. Returns the clouds used."""
-    if train is None or count <= 0 or not len(train.labels):
+    """Re-estimate a network's BatchNorm statistics in place on :func:`recalibration_clouds`, as
+    pretraining does with ``bn_recalibrate``: fresh running statistics (mean 0, variance 1) are ~1e4
+    times the real variance of the first layer's output. Returns the clouds used."""
+    clouds = recalibration_clouds(train, n_points, normalize, count, seed, device)
+    if clouds is None:
         return 0
-    rows = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
-    clouds = eval_clouds(train.subset(rows), n_points, normalize, device)
-    recalibrate_batchnorm(model, torch.from_numpy(clouds).to(device))
-    return len(rows)
+    recalibrate_batchnorm(model, clouds)
+    return len(clouds)
 
 
 # ----------------------------------------------------------------------------- SVM

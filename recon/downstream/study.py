@@ -10,14 +10,17 @@ held-out (test) split of every downstream store by
 - few-shot: N-way K-shot episodes over folds, a fine-tune per fold (mean ± std over folds),
 - fine-tuning from the encoder with several seeds (mean ± std over seeds),
 
-and, per arm, the monitor's held-out probe after every pretraining epoch (the plot). Results go to
+the frozen probes (k-NN, SVM) under every BatchNorm treatment of ``bn_treatments`` for every arm
+(:data:`recon.pretraining.probes.BN_TREATMENTS`; the arm's top-level figures are its statistics as
+saved, the random-init arm's as initialised), with a verdict per pretrained arm, store and probe:
+its saved figure against the random-init arm's strongest treatment (``verdict`` in results.json,
+a table in table.md), and, per arm, the monitor's held-out probe after every pretraining epoch (the plot). Results go to
 ``results.json``, ``table.md`` and ``probe_vs_epochs.png``; an arm's finished results are reused
 when the study is run again with the same settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +30,22 @@ import numpy as np
 import torch
 
 from recon.downstream.cls_data import ClsData, eval_clouds, load_classification
-from recon.downstream.evaluate import FewshotSettings, fewshot_eval
+from recon.downstream.evaluate import FewshotSettings, fewshot_eval, recalibration_clouds
 from recon.downstream.finetune import finetune
 from recon.downstream.recipes import FinetuneParams
 from recon.downstream.weights import InitSource
-from recon.network.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
+from recon.network.model import ReConPretrain, head_input, svm_input
 from recon.pretraining.data import open_pretrain_stores
-from recon.pretraining.probes import batched, knn_probe, svm_accuracy
-from recon.pretraining.trainer import PretrainParams, build_model, calibration_clouds, train
+from recon.pretraining.probes import (
+    BN_TREATMENTS,
+    batched,
+    check_treatments,
+    knn_probe,
+    per_treatment,
+    svm_accuracy,
+    verdict,
+)
+from recon.pretraining.trainer import PretrainParams, build_model, train
 from recon.runtime import codedeps, trainstate
 
 #: arm -> PretrainParams overrides (None: no pretraining)
@@ -71,6 +82,10 @@ class StudyParams:
     fewshot: dict = field(default_factory=lambda: {"ways": [5], "shots": [5], "folds": 5, "query": 5})
     #: FinetuneParams overrides of the few-shot fine-tunes
     fewshot_finetune: dict = field(default_factory=lambda: {"profile": "demo", "votes": 0})
+    #: BatchNorm treatments every arm's frozen probes run under (saved | reset | recalibrated; saved is
+    #: required): the statistics alone moved a linear probe by up to 7 points, so they are a controlled variable
+    bn_treatments: list[str] = field(default_factory=lambda: list(BN_TREATMENTS))
+    bn_recalibrate: int = 256                         # train clouds (seeded) per store of the recalibrated treatment
     seed: int = 0                                     # every arm's seed (pretraining, probes, episodes)
     device: str = "auto"                              # auto | cpu | cuda[:i]
 
@@ -88,15 +103,11 @@ def encoder_for(p: StudyParams, arm: str, cache: Path, out: Path, log=print) -> 
     if ARMS[arm] is not None:
         result = train(pp, cache, out / "pretrain", log=log)
         return result["model"].eval(), result["history"]
-    # random init: exactly the starting point of every pretrained arm (same seed, same config),
-    # evaluated with the same procedure (BatchNorm statistics recalibrated when they are)
+    # random init: exactly the starting point of every pretrained arm (same seed, same config), its BatchNorm
+    # statistics as initialised; the frozen probes measure it under every treatment (evaluate_arm)
     stores = open_pretrain_stores(cache, "img" in pp.targets, "text" in pp.targets)
     torch.manual_seed(pp.seed)
     model = build_model(pp, stores.image_dim, stores.text_dim)
-    if pp.bn_recalibrate > 0:
-        train_rows = stores.rows[stores.shapes["split"].to_numpy()[stores.rows] == "train"]
-        stores = dataclasses.replace(stores, rows=train_rows) if pp.split == "train" else stores
-        recalibrate_batchnorm(model, calibration_clouds(stores, pp.bn_recalibrate, pp.n_points, pp.rotate, pp.seed))
     return model.eval(), []
 
 
@@ -120,6 +131,33 @@ def frozen_probe(model: ReConPretrain, train: ClsData, test: ClsData, n_points: 
                                     seed=seed)[1]}
 
 
+PROBE_KEYS = ("knn", "svm", "svm_std")
+
+
+def frozen_probes(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int, k: int, seed: int, device,
+                  treatments: list[str], recalibrate: int) -> dict[str, dict[str, float]]:
+    """:func:`frozen_probe` under every BatchNorm treatment ({treatment: probe}); ``recalibrated``
+    re-estimates the statistics on ``recalibrate`` train clouds (a seeded choice, evaluation inputs)."""
+    clouds = recalibration_clouds(train, n_points, True, recalibrate, seed, device) if "recalibrated" in treatments \
+        else None
+    return per_treatment(model.to(device), check_treatments(treatments), clouds,
+                         lambda net: frozen_probe(net, train, test, n_points, k, seed, device))
+
+
+def verdicts(arms: dict[str, Any]) -> dict[str, Any]:
+    """{store: {pretrained arm: {probe: verdict}}}: each pretrained arm's saved figure against the
+    random-init arm's strongest BatchNorm treatment (a max over its test figures: a stronger baseline
+    only, so a conservative verdict); empty without a random-init arm."""
+    if "random_init" not in arms:
+        return {}
+    baseline = arms["random_init"]["stores"]
+    return {store: {arm: {key: verdict({t: f[key] for t, f in r["stores"][store]["bn_treatments"].items()},
+                                       {t: f[key] for t, f in baseline[store]["bn_treatments"].items()})
+                          for key in PROBE_KEYS}
+                    for arm, r in arms.items() if arm != "random_init"}
+            for store in baseline}
+
+
 def mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
 
@@ -133,7 +171,9 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
     pp = arm_params(p, arm)
     result: dict[str, Any] = {}
     for name, (train_set, test_set) in data.items():
-        r = frozen_probe(model, train_set, test_set, pp.n_points, p.knn_k, p.seed, device)
+        treated = frozen_probes(model, train_set, test_set, pp.n_points, p.knn_k, p.seed, device, p.bn_treatments,
+                                p.bn_recalibrate)
+        r = {**treated["saved"], "bn_treatments": treated}     # the arm's figures: its statistics as saved
         ft = FinetuneParams(**{"device": p.device, **p.finetune})
         accs = [finetune(ft, train_set, test_set, seed, init=init, log=lambda *_: None).metrics["test_acc"]
                 for seed in p.finetune_seeds]
@@ -171,6 +211,7 @@ def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, An
     summary = {"arms": {arm: {"stores": r["stores"], "params": r["params"],
                               "history": [{k: v for k, v in h.items() if k == "epoch" or k.startswith(("probe_", "test_loss"))}
                                           for h in r["history"]]} for arm, r in results.items()},
+               "verdict": verdicts(results), "bn_treatments": p.bn_treatments,
                "finetune_seeds": p.finetune_seeds, "fewshot": p.fewshot, "stores": p.stores}
     trainstate.write_json(out / "results.json", summary)
     (out / "table.md").write_text(table(summary))
@@ -185,7 +226,8 @@ def _pm(entry: dict | None) -> str:
 
 
 def table(summary: dict) -> str:
-    """Markdown: one row per (store, arm), the held-out figures."""
+    """Markdown: one row per (store, arm), the held-out figures (BatchNorm statistics as saved); then
+    the frozen probes per BatchNorm treatment, and the verdicts."""
     lines = ["| store | arm | k-NN | SVM raw | SVM std. | few-shot | fine-tune |", "|---|---|---|---|---|---|---|"]
     stores = list(next(iter(summary["arms"].values()))["stores"]) if summary["arms"] else []
     for store in stores:
@@ -194,6 +236,21 @@ def table(summary: dict) -> str:
             fewshot = "; ".join(f"{k} {_pm(v)}" for k, v in s["fewshot"].items() if isinstance(v, dict)) or "–"
             lines.append(f"| {store} | {LABELS.get(arm, arm)} | {s['knn']:.1f} (k={s['knn_k']}) | {s['svm']:.1f} | "
                          f"{s['svm_std']:.1f} | {fewshot} | {_pm(s['finetune'])} |")
+    lines += ["", "Frozen probes per BatchNorm treatment (saved: as the arm ends; reset: mean 0, variance 1; "
+              "recalibrated: on the store's train clouds):", "",
+              "| store | arm | BatchNorm | k-NN | SVM raw | SVM std. |", "|---|---|---|---|---|---|"]
+    for store in stores:
+        for arm, r in summary["arms"].items():
+            for t, s in r["stores"][store].get("bn_treatments", {}).items():
+                lines.append(f"| {store} | {LABELS.get(arm, arm)} | {t} | {s['knn']:.1f} | {s['svm']:.1f} | "
+                             f"{s['svm_std']:.1f} |")
+    if summary.get("verdict"):
+        lines += ["", "Verdict: the arm as saved minus the strongest random-init treatment (named):", "",
+                  "| store | arm | k-NN | SVM raw | SVM std. |", "|---|---|---|---|---|"]
+        for store, arms in summary["verdict"].items():
+            for arm, v in arms.items():
+                cells = " | ".join(f"{v[k]['margin']:+.1f} ({v[k]['random_init_treatment']})" for k in PROBE_KEYS)
+                lines.append(f"| {store} | {LABELS.get(arm, arm)} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +262,8 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, key, title in zip(axes, ("probe_knn", "probe_svm_std"), ("k-NN (k=5)", "linear SVM, standardised")):
-        baselines = []   # every arm's monitor has its own random-init twins: (mean, std) over their seeds
+        baselines = []   # every arm's monitor has its own random-init twins: (mean, std) over their seeds,
+        # of the strongest BatchNorm treatment
         for arm, r in summary["arms"].items():
             rows = [h for h in r["history"] if key in h]
             if rows:
@@ -215,7 +273,8 @@ def plot(summary: dict, path: Path) -> None:
         if baselines:
             means = [m for m, _ in baselines]
             ax.axhspan(min(m - s for m, s in baselines), max(m + s for m, s in baselines), color="grey", alpha=0.2)
-            ax.axhline(float(np.mean(means)), color="grey", linestyle="--", label="random init (mean, band ± std)")
+            ax.axhline(float(np.mean(means)), color="grey", linestyle="--",
+                       label="random init, strongest BatchNorm (mean, band ± std)")
         ax.set_title(f"held-out {title}")
         ax.set_xlabel("pretraining epoch")
         ax.set_ylabel("accuracy (%)")

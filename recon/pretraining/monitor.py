@@ -13,7 +13,13 @@ with every group visible (as zero-shot and the downstream tasks see them):
   test shapes classified from train shapes, for the model being trained and for the same
   architecture at random init, side by side. The random-init figure is the mean over
   ``baseline_seeds`` seeded twins (the first is the trained model's own starting point), with their
-  standard deviation: the spread a pretrained encoder has to beat, not just one lucky or unlucky init.
+  standard deviation: the spread a pretrained encoder has to beat, not just one lucky or unlucky init;
+- BatchNorm statistics as a controlled variable: the probe runs for the model and for every twin
+  under each of ``bn_treatments`` (saved, reset, recalibrated on ``bn_clouds`` of the train shapes;
+  :func:`recon.pretraining.probes.with_batchnorm`, always on a copy). ``probe_<key>`` is the model as
+  saved, ``probe_<key>_<treatment>`` the others; ``probe_<key>_random_init_<treatment>`` the twins'
+  mean per treatment and ``probe_<key>_random_init`` the strongest of them (± the std over seeds of
+  that treatment): the figure the verdict compares with (:func:`recon.pretraining.probes.verdict`).
 
 Nothing here draws from the global RNG: monitoring does not change what training computes.
 """
@@ -26,13 +32,25 @@ import numpy as np
 import torch
 
 from recon.network.losses import global_loss
-from recon.network.model import ReConPretrain, head_input, recalibrate_batchnorm, svm_input
+from recon.network.model import ReConPretrain, head_input, svm_input
 from recon.pretraining.data import PretrainStores, fixed_subset
-from recon.pretraining.probes import knn_probe, random_init_like, svm_accuracy
+from recon.pretraining.probes import (
+    BN_TREATMENTS,
+    PRETRAINED_TREATMENT,
+    check_treatments,
+    knn_probe,
+    per_treatment,
+    random_init_like,
+    strongest,
+    svm_accuracy,
+    verdict,
+)
 from recon.pretraining.targets import TargetStats
 
 SPLITS = ("train", "test")
 PARTS = ("cls", "img", "txt", "pooled")
+#: the probe's figures that get a random-init baseline and a verdict
+PROBE_KEYS = ("knn", "svm", "svm_std")
 
 
 @dataclass
@@ -160,16 +178,17 @@ def probe(train: Encoded, test: Encoded, train_labels: np.ndarray, test_labels: 
 
 
 class PretrainMonitor:
-    """Fixed train/test subsets, their baselines and the random-init probe, computed once;
-    :meth:`record` measures the model being trained against them."""
+    """Fixed train/test subsets, their baselines and the random-init probe under every BatchNorm
+    treatment, computed once; :meth:`record` measures the model being trained against them."""
 
     def __init__(self, stores: PretrainStores, train_rows: np.ndarray, test_rows: np.ndarray, model: ReConPretrain,
                  kind: str, n_points: int, variants: range, stats: TargetStats | None, limit: int = 512,
-                 seed: int = 0, batch: int = 32, device="cpu", calibration: torch.Tensor | None = None,
-                 baseline_seeds: int = 1):
+                 seed: int = 0, batch: int = 32, device="cpu", baseline_seeds: int = 1,
+                 bn_treatments=BN_TREATMENTS, bn_clouds: int = 64):
         if baseline_seeds < 1:
             raise ValueError(f"baseline_seeds must be >= 1, got {baseline_seeds}")
         self.kind, self.batch, self.device, self.seed = kind, batch, device, seed
+        self.treatments = check_treatments(bn_treatments)
         cfg = model.cfg
         self.width = cfg.trans_dim
         self.sets = {name: monitor_set(stores, subset_rows(rows, limit, seed + k), n_points, seed, cfg.num_group,
@@ -184,18 +203,25 @@ class PretrainMonitor:
                 continue
             for name, s in self.sets.items():
                 self.baselines[f"{name}_loss_{term}_baseline"] = expected_loss(constant.float(), getattr(s, term), kind)
+        # the recalibrated treatment's clouds: a seeded choice of the train set's (evaluation inputs)
+        self.bn_clouds = None
+        if "recalibrated" in self.treatments and train is not None and bn_clouds > 0:
+            chosen = subset_rows(np.arange(len(train.rows)), bn_clouds, seed + 2)
+            self.bn_clouds = torch.from_numpy(train.clouds[chosen]).to(device)
         # random-init twins at seeds seed, seed+1, ...: the first is the trained model's starting point,
-        # the others give the spread of the baseline; only the first one's features are kept (final())
-        self.random_probes: list[dict] = []
+        # the others give the spread of the baseline; only the first one's features are kept (final()).
+        # random_probes[treatment][k]: twin k's probe under that treatment
+        self.random_probes: dict[str, list[dict]] = {}
         for k in range(baseline_seeds):
             twin = random_init_like(model, seed + k).to(device)
-            if calibration is not None:  # the same evaluation procedure as the trained model gets
-                recalibrate_batchnorm(twin, calibration)
-            encoded = self.encode(twin)
+            encoded = per_treatment(twin, self.treatments if self.can_probe else [PRETRAINED_TREATMENT],
+                                    self.bn_clouds, self.encode)
             if k == 0:
-                self.random_encoded = encoded
+                self.random_encoded = encoded[PRETRAINED_TREATMENT]
             if self.can_probe:
-                self.random_probes.append(self.probe(encoded))
+                for treatment, e in encoded.items():
+                    self.random_probes.setdefault(treatment, []).append(self.probe(e))
+        self.last_probes: dict[str, dict] = {}
 
     @property
     def can_probe(self) -> bool:
@@ -207,6 +233,11 @@ class PretrainMonitor:
     def probe(self, encoded: dict[str, Encoded], by_part: bool = False) -> dict:
         return probe(encoded["train"], encoded["test"], self.sets["train"].labels, self.sets["test"].labels,
                      self.width, self.seed, by_part)
+
+    def random_init(self, key: str) -> dict[str, float]:
+        """{treatment: the twins' mean ``key`` figure} (the random-init variants a verdict takes the max of)."""
+        return {t: float(np.mean([r[key] for r in probes])) for t, probes in self.random_probes.items()
+                if all(key in r for r in probes)}
 
     def record(self, model: ReConPretrain, encoded: dict[str, Encoded] | None = None) -> dict[str, float]:
         """Flat numbers for one row of history.csv."""
@@ -227,23 +258,46 @@ class PretrainMonitor:
         if "rec" in active and "test" in self.sets:
             out["test_loss_rec"] = reconstruction_loss(model, self.sets["test"], self.batch, self.device)
         if self.can_probe:
-            current = self.probe(encoded)
-            for key in ("knn", "svm", "svm_std"):
-                if key in current:
-                    baseline = [r[key] for r in self.random_probes]
-                    out[f"probe_{key}"] = current[key]
-                    out[f"probe_{key}_random_init"] = float(np.mean(baseline))
-                    out[f"probe_{key}_random_init_std"] = float(np.std(baseline))
+            # the model as saved (already encoded), then under the other treatments: copies, training is unchanged
+            self.last_probes = current = per_treatment(model, self.treatments, self.bn_clouds,
+                                                       lambda net: self.probe(self.encode(net)), self.probe(encoded))
+            for key in PROBE_KEYS:
+                if key not in current[PRETRAINED_TREATMENT]:
+                    continue
+                out[f"probe_{key}"] = current[PRETRAINED_TREATMENT][key]
+                out.update({f"probe_{key}_{t}": r[key] for t, r in current.items() if t != PRETRAINED_TREATMENT})
+                means = self.random_init(key)
+                out.update({f"probe_{key}_random_init_{t}": m for t, m in means.items()})
+                # the strongest variant: a max over the baseline's test figures, which can only make it
+                # stronger (a conservative verdict); its std is over the seeds of that treatment
+                best = strongest(means)
+                out[f"probe_{key}_random_init"] = means[best]
+                out[f"probe_{key}_random_init_std"] = float(np.std([r[key] for r in self.random_probes[best]]))
         return out
+
+    def verdicts(self) -> dict:
+        """Per probe figure: the model as saved against the strongest random-init treatment, from the last record."""
+        return {key: verdict({t: r[key] for t, r in self.last_probes.items()}, self.random_init(key))
+                for key in PROBE_KEYS if key in self.last_probes.get(PRETRAINED_TREATMENT, {})}
 
     def final(self, model: ReConPretrain) -> dict:
         """The end-of-run section of metrics.json: the record, the probe per feature part and the
-        feature spread behind the raw-SVM figure, for the model and for random init (its first seed), and
-        the random-init probe of every baseline seed."""
+        feature spread behind the raw-SVM figure, for the model as saved and for random init (its first
+        seed, as initialised), the probe under every BatchNorm treatment (the model's; every baseline
+        seed's, with their mean and std) and the verdict per probe figure."""
         encoded = self.encode(model)
         out: dict = {"record": self.record(model, encoded), "shapes": {k: int(len(s.rows)) for k, s in self.sets.items()}}
         if self.can_probe:
+            random_init = {}
+            for t, probes in self.random_probes.items():
+                keys = [k for k in PROBE_KEYS if all(k in r for r in probes)]
+                random_init[t] = {"mean": {k: float(np.mean([r[k] for r in probes])) for k in keys},
+                                  "std": {k: float(np.std([r[k] for r in probes])) for k in keys},
+                                  "seeds": {str(self.seed + i): r for i, r in enumerate(probes)}}
+            clouds = 0 if self.bn_clouds is None else len(self.bn_clouds)
             out["probe"] = {"pretrained": self.probe(encoded, by_part=True),
                             "random_init": self.probe(self.random_encoded, by_part=True),
-                            "random_init_seeds": {str(self.seed + k): r for k, r in enumerate(self.random_probes)}}
+                            "bn_treatments": {"pretrained": self.last_probes, "random_init": random_init,
+                                              "recalibrated_clouds": clouds},
+                            "verdict": self.verdicts()}
         return out
