@@ -64,8 +64,8 @@ def cache_dir() -> Path:
 
 def metrics_dir(out: Path) -> Path:
     """Where a stage whose outputs live in ``cache/<stage>`` writes what ``dvc metrics`` and
-    ``dvc plots`` compare (the headline metrics.json, history.csv, confusion.csv; beside them the
-    undeclared details.json): ``cache/metrics/<stage>``.
+    ``dvc plots`` compare (the headline metrics.json, history.csv, confusion.csv; beside them
+    details.json, an uncached out that no metrics entry declares): ``cache/metrics/<stage>``.
     Unlike the rest of cache/ these small files are tracked by git (``cache: false`` in dvc.yaml),
     so every commit and every ``dvc exp`` carries its results; models, checkpoints, images and
     stores stay in ``cache/<stage>``, cached by DVC."""

@@ -25,8 +25,8 @@ def run(p: DemoParams) -> Path:
     from stages.index import IndexParams
 
     out = Path(p.out)
-    root = build_params(IndexParams, "index").root if p.only_if_indexed else p.out
-    if Path(root).resolve() != out.resolve():   # the pipeline indexes your own meshes: no demo needed
+    root = build_params(IndexParams, "index").root if p.only_if_indexed else None
+    if root is not None and Path(root).resolve() != out.resolve():   # the pipeline indexes your own meshes
         mark_unused(out, f"index.root is {root}, not the demo meshes ({out})")
         console.print(f"demo-data: not needed (index.root is {root}); {out} holds only a marker")
         return out

@@ -47,18 +47,17 @@ def headline(report: dict) -> dict:
     return {f"{prefix}max_abs_diff": report["max_abs_diff"], f"{prefix}ok": bool(report["max_abs_diff"] <= atol)}
 
 
-def checkpoint_task(path: str) -> str:
+def checkpoint_task(ckpt: dict) -> str:
     """``partseg`` for a checkpoint saved by the part-segmentation fine-tune, else ``classification``."""
-    # memory-mapped: only the small entries are read; the loader below reads the weights once
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return "partseg" if ckpt.get("task") == "partseg" else "classification"
 
 
 def run(p: ExportParams) -> dict:
+    # memory-mapped: only the small entries are read here; the loaders below read the weights once
     ckpt = torch.load(p.checkpoint, map_location="cpu", weights_only=True, mmap=True)
     if "not_used" in ckpt:   # a placeholder of a stage that did not apply (the demo's parts on your own meshes)
         return write_unused(p, ckpt)
-    if checkpoint_task(p.checkpoint) == "partseg":
+    if checkpoint_task(ckpt) == "partseg":
         return run_partseg(p)
     model, ckpt = load_finetuned(p.checkpoint)
     n_points = p.n_points or int(ckpt.get("recipe", {}).get("n_points", 1024))

@@ -79,20 +79,26 @@ def _ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", output))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("dvc") / "project"
+def _tiny_project(project: Path, index_root: str | None = None) -> Path:
+    """A copy of the project in ``project`` with the TINY params (and ``index.root``), in a new git repo."""
     for name in _project_files():
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, project / name)
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in TINY.items():
         params.setdefault(section, {}).update(values)
+    if index_root is not None:
+        params["index"]["root"] = index_root
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     _git(project, "config", "user.name", "recon tests")  # dvc exp commits need an identity
     _git(project, "config", "user.email", "tests@recon.invalid")
     return project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return _tiny_project(tmp_path_factory.mktemp("dvc") / "project")
 
 
 def test_metrics_and_plots_are_git_tracked_and_artifacts_are_not():
@@ -217,16 +223,7 @@ def test_your_own_mesh_folder_through_dvc(tmp_path_factory):
         (meshes / category).mkdir(parents=True)
         for k in range(4):
             make(k).export(meshes / category / f"m{k}.obj")
-    project = base / "project"
-    for name in _project_files():
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, project / name)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params.setdefault(section, {}).update(values)
-    params["index"]["root"] = str(meshes)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    project = _tiny_project(base / "project", index_root=str(meshes))
 
     first = _dvc(project, "repro")
     assert "Running stage 'finetune'" in first and "Running stage 'evaluate'" in first
