@@ -1,6 +1,6 @@
 """`recon`: one thin command per pipeline stage.
 
-Every stage command builds its parameters one way, ``stages.common.build_params``: the stage's
+Every stage command builds its parameters one way, ``stages.params.build_params``: the stage's
 params dataclass (its defaults), then the ``params.yaml`` section named in ``SECTIONS``, then
 ``--set KEY=VALUE`` (any key of the section; ``KEY.SUB`` inside a dict field), then the explicit
 options (None: not given). The help of those options and ``--help``'s list of every key (type,
@@ -64,7 +64,7 @@ class ParamsCommand(TyperCommand):
     def format_help(self, ctx, formatter) -> None:
         from rich.markup import escape
 
-        from stages.common import field_docs
+        from stages.params import field_docs
 
         rich = HAS_RICH and self.rich_markup_mode == "rich"
         fix = escape if rich else str
@@ -88,7 +88,7 @@ def keys_help(sections: list[tuple[str, type]]) -> list[str]:
 
     import yaml
 
-    from stages.common import field_docs, override_class, params_file, type_name
+    from stages.params import field_docs, override_class, params_file, type_name
 
     try:
         loaded = yaml.safe_load(params_file().read_text()) if params_file().exists() else {}
@@ -132,8 +132,8 @@ def keys_help(sections: list[tuple[str, type]]) -> list[str]:
 
 
 def _params(command: str, sets: Optional[list[str]], **options):
-    """The command's parameters, built the one way (``stages.common.build_params``)."""
-    from stages.common import build_params
+    """The command's parameters, built the one way (``stages.params.build_params``)."""
+    from stages.params import build_params
 
     section, spec = next(iter(SECTIONS[command].items()))
     return _run(build_params, params_class(spec), section, options, sets)

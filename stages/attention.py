@@ -27,7 +27,8 @@ from recon.downstream.evaluate import baseline_batchnorm, load_pretrained
 from recon.pretraining.probes import random_init_like
 from recon.runtime import trainstate
 from recon.runtime.distributed import pick_device
-from stages.common import StageError, build_params, cache_dir, console
+from stages.common import StageError, cache_dir, console
+from stages.params import build_params
 
 #: folders skipped when a checkpoint is named after its folder
 SKIPPED = ("checkpoints", "pretrain")

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import layout
-from stages.common import Timer, build_params, console
+from stages.common import Timer, console
+from stages.params import build_params
 
 
 @dataclass

@@ -39,7 +39,8 @@ from recon.downstream.weights import InitSource, load_init
 from recon.pretraining.probes import BN_TREATMENTS, check_treatments, per_treatment, random_init_like, verdict
 from recon.runtime import trainstate
 from recon.runtime.distributed import pick_device
-from stages.common import StageError, build_params, cache_dir, console, metrics_dir, publish, write_metrics
+from stages.common import StageError, cache_dir, console, metrics_dir, publish, write_metrics
+from stages.params import build_params
 
 TASKS = ("svm", "zeroshot", "fewshot")
 #: headline name -> (task, figure) of the frozen probes, each with a verdict under ``baseline``

@@ -18,7 +18,8 @@ from pipeline import layout
 from recon.downstream.export import OPSET, check_onnx, check_partseg_onnx, export_onnx, export_partseg_onnx
 from recon.downstream.partseg_finetune import load_partseg_model
 from recon.downstream.weights import load_finetuned
-from stages.common import build_params, console, metrics_dir, write_metrics
+from stages.common import console, metrics_dir, write_metrics
+from stages.params import build_params
 
 
 @dataclass

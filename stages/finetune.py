@@ -26,7 +26,8 @@ from recon.downstream.partseg_finetune import PICTURE, finetune_partseg
 from recon.downstream.recipes import FinetuneParams, PartSegParams
 from recon.downstream.weights import load_init
 from recon.runtime.distributed import setup, teardown
-from stages.common import LossBar, StageError, build_params, cache_dir, console, metrics_dir, publish, write_metrics
+from stages.common import LossBar, StageError, cache_dir, console, metrics_dir, publish, write_metrics
+from stages.params import build_params
 
 #: task -> (params.yaml section = stage name = output folder, params class)
 TASKS = {"classification": ("finetune", FinetuneParams), "partseg": ("partseg", PartSegParams)}

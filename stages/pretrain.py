@@ -18,7 +18,8 @@ from pathlib import Path
 from pipeline import layout
 from recon.pretraining.trainer import PretrainParams, train
 from recon.runtime import trainstate
-from stages.common import LossBar, build_params, cache_dir, console, metrics_dir, write_metrics
+from stages.common import LossBar, cache_dir, console, metrics_dir, write_metrics
+from stages.params import build_params
 
 #: the figures compared across experiments (``metrics.json``): the held-out distillation losses over
 #: their mean-target baselines, and the held-out k-NN / standardised-SVM probe of the model (BatchNorm

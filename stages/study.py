@@ -15,7 +15,8 @@ from pathlib import Path
 from pipeline import layout
 from recon.downstream.study import StudyParams, run_study
 from recon.pretraining.trainer import PretrainParams
-from stages.common import StageError, build_params, cache_dir, console
+from stages.common import StageError, cache_dir, console
+from stages.params import build_params
 
 #: a smoke run: a few steps of a small student, one fine-tune epoch, one few-shot fold
 SMALL = {"n_points": 256, "num_group": 16, "group_size": 16}

@@ -1,7 +1,6 @@
 """Variants, masking, loss options, heads and probe features of recon.network.model / recon.network.losses."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

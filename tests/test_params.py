@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import cli
 from cli import SECTIONS, app, params_class
-from stages.common import StageError, build_params, field_docs
+from stages.common import StageError
+from stages.params import build_params, field_docs
 
 runner = CliRunner()
 #: the commands without a params.yaml section

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from test_pretrain import write_demo_like_cache
 
 from pipeline.convert import convert_points
@@ -52,14 +51,12 @@ def test_every_arm_with_equal_budgets(study):
     assert arms["recon_raw"]["params"]["target_norm"] == "none" and arms["recon_std"]["params"]["target_norm"] == "store"
     main, treatments, verdicts = ((root / "study" / "table.md").read_text().split("\n\n")[k].splitlines()
                                   for k in (0, 2, 4))
-    assert len(main) == 2 + 5 and all(f"| demo | " in line for line in main[2:])
+    assert len(main) == 2 + 5 and all("| demo | " in line for line in main[2:])
     assert len(treatments) == 2 + 5 * 3 and len(verdicts) == 2 + 4                # every arm x treatment; 4 verdicts
     assert (root / "study" / "probe_vs_epochs.png").stat().st_size > 5000
 
 
 def test_figures_agree_with_a_recomputation(study):
-    from recon.pretraining.probes import random_init_like
-    from recon.pretraining.trainer import PretrainParams, build_model
 
     root, store, summary, _, _ = study
     train, test = load_classification(store, "train"), load_classification(store, "test")
