@@ -74,9 +74,9 @@ def du(paths: list[Path]) -> int:
     return total
 
 
-def run_stage(name: str, cmd: list[str], work: Path, outputs: list[Path], shapes: int) -> dict:
-    """One stage in its own process: wall time, peak tree RSS, disk of its outputs."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RECON_CACHE": "cache", "RECON_PARAMS": "params.yaml",
+def run_stage(name: str, cmd: list[str], work: Path, outputs: list[Path], shapes: int, cache: str = "cache") -> dict:
+    """One stage in its own process (its stores in ``work/cache``): wall time, peak tree RSS, disk of its outputs."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RECON_CACHE": cache, "RECON_PARAMS": "params.yaml",
            "HF_HUB_OFFLINE": "1", "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "egl")}
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -92,6 +92,8 @@ def run_stage(name: str, cmd: list[str], work: Path, outputs: list[Path], shapes
     stop.set()
     watcher.join()
     wall = time.perf_counter() - t0
+    (work / "logs").mkdir(exist_ok=True)
+    (work / "logs" / f"{name}.log").write_text(output)
     if proc.returncode != 0:
         print(output[-3000:])
         raise SystemExit(f"{name} failed ({proc.returncode})")

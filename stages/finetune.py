@@ -33,17 +33,23 @@ from stages.params import build_params
 TASKS = {"classification": ("finetune", FinetuneParams), "partseg": ("partseg", PartSegParams)}
 TOP_LEVEL = {"classification": ("model.pt", "confusion.png"), "partseg": ("model.pt", PICTURE)}   # DVC-cached
 PUBLISHED = {"classification": ("history.csv", "confusion.csv"), "partseg": ("history.csv",)}      # git-tracked
-#: the figures compared across experiments (``metrics.json``), per task: the validation accuracy that
-#: may choose a run (with ``val_fraction``), the single-pass and voted test accuracy; the instance and
-#: class mIoU. A ``seeds`` sweep reports each as ``<figure>_mean`` and ``<figure>_std``.
-HEADLINE = {"classification": ("val_acc", "test_acc", "test_vote_acc"),
-            "partseg": ("test_instance_miou", "test_class_miou")}
+#: the figures compared across experiments (``metrics.json``), per task, short column name -> details
+#: key: the validation accuracy that may choose a run (with ``val_fraction``), the single-pass and voted
+#: test accuracy; the instance mIoU (the class mIoU and per-category figures stay in the details). A
+#: ``seeds`` sweep reports the mean under the same name and the std as ``<name>_sd``, so single runs and
+#: sweeps share columns in ``dvc exp show``.
+HEADLINE = {"classification": {"ft_val": "val_acc", "ft_acc": "test_acc", "ft_vote": "test_vote_acc"},
+            "partseg": {"miou": "test_instance_miou"}}
 
 
 def headline(details: dict, task: str = "classification") -> dict:
     """The task's :data:`HEADLINE` figures of one seed's details or of a sweep's summary."""
-    keys = [k for figure in HEADLINE[task] for k in (figure, f"{figure}_mean", f"{figure}_std")]
-    return {k: details[k] for k in keys if isinstance(details.get(k), (int, float))}
+    found = {}
+    for short, key in HEADLINE[task].items():
+        for name, source in ((short, key), (short, f"{key}_mean"), (f"{short}_sd", f"{key}_std")):
+            if isinstance(details.get(source), (int, float)):
+                found[name] = details[source]
+    return found
 
 
 def params(overrides: dict | None = None, task: str = "classification",

@@ -48,9 +48,11 @@ def _project_files() -> list[str]:
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
-def _dvc(project: Path, *args: str, stdout_only: bool = False) -> str:
+def _dvc(project: Path, *args: str, stdout_only: bool = False, columns: int | None = None) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "RECON_CACHE": "cache", "RECON_PARAMS": "params.yaml"}
+    if columns:   # the terminal width rich draws tables for
+        env["COLUMNS"] = str(columns)
     result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout if stdout_only else result.stdout + result.stderr
@@ -138,7 +140,7 @@ def test_repro_then_noop_then_partial_rerun(project):
     second = _dvc(project, "repro")
     assert _ran(second) == set(), second
     metrics = _dvc(project, "metrics", "show")
-    assert "test_loss_img_ratio" in metrics and "cache/metrics/finetune/metrics.json" in metrics
+    assert "img_ratio" in metrics and "cache/metrics/finetune/metrics.json" in metrics
     assert "loss_rec" not in metrics and "details" not in metrics      # the headlines only
     plots = _dvc(project, "plots", "show", "--json")
     assert "confusion" in plots and "probe_knn_random_init" in plots and "test_loss_text_ratio" in plots
@@ -149,17 +151,6 @@ def test_repro_then_noop_then_partial_rerun(project):
     third = _dvc(project, "repro")
     assert _ran(third) == {"render", "embed", "pretrain", "finetune", "evaluate", "export", "partseg",
                            "export_partseg"}, third
-
-
-def _numbers(metrics: dict) -> dict[str, float]:
-    """Flattened numeric leaves of a metrics file."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in _numbers(value).items()})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = value
-    return flat
 
 
 def test_experiment_sweep_rows_carry_their_metrics(project):
@@ -186,7 +177,8 @@ def test_experiment_sweep_rows_carry_their_metrics(project):
         found = row["data"]["metrics"]
         for name in metrics_files:
             assert "error" not in found.get(name, {"error": "missing"}), (row["name"], name, found.get(name))
-            assert _numbers(found[name]["data"]), (row["name"], name)
+            data = found[name]["data"]   # a flat headline of numbers (export's: whether ONNX agrees, a bool)
+            assert data and all(isinstance(v, (int, float)) for v in data.values()), (row["name"], name, data)
     finetune = "cache/metrics/finetune/metrics.json"
 
     def details(row: dict) -> dict:  # what the row's commit carries beside its headline
@@ -201,12 +193,42 @@ def test_experiment_sweep_rows_carry_their_metrics(project):
 
     one, three = by_epochs[1]["name"], by_epochs[3]["name"]
     diff = json.loads(_dvc(project, "metrics", "diff", one, three, "--all", "--json", stdout_only=True))
-    assert set(diff[finetune]) == {"test_acc", "test_vote_acc"}
+    assert set(diff[finetune]) == {"ft_acc", "ft_vote"}
     assert {v["diff"] for v in diff["cache/metrics/pretrain/metrics.json"].values()} == {0}  # pretraining did not change
     plots = json.loads(_dvc(project, "plots", "diff", one, three, "--json", stdout_only=True))
     points = [v for plot in plots["data"]["finetune_history"] for v in plot["content"]["data"]["values"]
               if v.get("field") == "loss"]
     assert Counter(v["rev"] for v in points) == {one: 1, three: 3}  # one history row per epoch
+
+
+#: the headline figures downstream of pretraining: what a sweep over a pretraining parameter changes
+CHANGED_BY_PRETRAINING = ("img_ratio", "text_ratio", "knn", "ft_acc", "ft_vote", "miou", "svm", "zs_top1")
+
+
+def test_a_pretraining_experiment_fits_a_160_column_terminal(project):
+    """`dvc exp show --only-changed` after an experiment on a pretraining parameter, beside the queued
+    sweep above (so the State and Executor columns are there too; its own parameter column,
+    finetune.epochs, is dropped: one parameter changes in a pretraining sweep), with every headline
+    figure a pretraining change moves shown (`--keep`: the tiny project's coarse accuracies may not move).
+    Drawn at its natural width, as DVC's pager (`less -S`) shows it, the experiment, its parameter
+    and those figures fit in the first 160 columns; after them DVC lists the content hashes of the
+    changed models (`--drop cache/` hides them)."""
+    _dvc(project, "exp", "run", "-S", "pretrain.seed=1")
+    keep = "|".join(rf"(.*:)?{name}$" for name in CHANGED_BY_PRETRAINING)
+    show = ["exp", "show", "--only-changed", "--no-pager", "--keep", keep, "--drop", "finetune.epochs"]
+    wide = _dvc(project, *show, stdout_only=True, columns=1000)
+    lines = [line.rstrip() for line in wide.splitlines() if line.strip() and not set(line.strip()) <= set("─")]
+    header = lines[0]
+    names = header.split()
+    assert {"Experiment", "State", "pretrain.seed", *CHANGED_BY_PRETRAINING} <= set(names), header
+    hashes = [name for name in names if name.startswith("cache/")]   # the changed models' content hashes
+    assert {"cache/pretrain/model.pt", "cache/finetune/model.pt"} <= set(hashes), header
+    readable = header.index(hashes[0])                                  # every column before them
+    assert header.index("pretrain.seed") < readable and max(map(header.index, CHANGED_BY_PRETRAINING)) < readable
+    assert len(header[:readable].rstrip()) <= 160, header
+    dropped = _dvc(project, *show[:-1], "finetune.epochs|cache/", stdout_only=True, columns=1000)
+    assert max(len(line.rstrip()) for line in dropped.splitlines()) <= 160, dropped
+    print(f"\nexp show --only-changed: {len(header)} columns, {len(header[:readable].rstrip())} before the hashes")
 
 
 def test_your_own_mesh_folder_through_dvc(tmp_path_factory):

@@ -230,7 +230,8 @@ def test_end_to_end_on_real_modelnet40_sample(tmp_path, monkeypatch):
     published = tmp_path / "metrics" / "finetune"  # git-tracked results, next to the run folder
     assert json.loads((published / "details.json").read_text()) == summary
     assert json.loads((published / "metrics.json").read_text()) == {   # the headline dvc.yaml declares
-        k: summary[k] for k in ("test_acc_mean", "test_acc_std", "test_vote_acc_mean", "test_vote_acc_std")}
+        "ft_acc": summary["test_acc_mean"], "ft_acc_sd": summary["test_acc_std"],
+        "ft_vote": summary["test_vote_acc_mean"], "ft_vote_sd": summary["test_vote_acc_std"]}
     seed0 = json.loads((out / "seed-0" / "metrics.json").read_text())
     assert seed0["seed"] == 0 and seed0["selection"] == "last epoch" and seed0["epochs"] == 2
     assert seed0["test_shapes"] == 33 and seed0["votes"] == 2
