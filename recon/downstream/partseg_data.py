@@ -69,7 +69,7 @@ def load_partseg(path: str | Path, splits: str | list[str]) -> SegData:
     store = open_store(path)
     if store.params.get("task") != "partseg":
         raise StoreError(f"{path} is not a part-segmentation store (task {store.params.get('task')!r}); "
-                         "write one with `recon convert shapenetpart` or `recon convert demo-parts`")
+                         "write one with `recon convert shapenetpart`, `demo-parts` or `labeled-psb-parts`")
     store = open_store(path, expect_arrays={"points": (-1, 3), "part": (-1,), "label": (), "split": ()})
     wanted = [splits] if isinstance(splits, str) else list(splits)
     known = list(store.params["splits"])
