@@ -279,14 +279,16 @@ def pretrain(variant: Optional[str] = typer.Option(None),
 @app.command("study", cls=ParamsCommand)
 def study(out: Optional[Path] = typer.Option(None),
           arms: Optional[str] = typer.Option(None, help="on the command line a comma list"),
+          preset: Optional[str] = typer.Option(None),
           modelnet40_root: Optional[Path] = typer.Option(None),
           quick: bool = typer.Option(False, "--quick"),
           sets: Optional[list[str]] = SETS) -> None:
-    """The ablation study: random init, reconstruction only, distillation only, ReCon raw / standardised targets."""
+    """The ablation study: random init, reconstruction only, distillation only, ReCon raw / standardised
+    targets; or, with --preset, the arms of one of the paper's ablation tables beside its figures."""
     from stages import study as stage
 
-    p = _params("study", sets, out=_path(out), arms=_words(arms), modelnet40_root=_path(modelnet40_root),
-                quick=quick or None)
+    p = _params("study", sets, out=_path(out), arms=_words(arms), preset=preset,
+                modelnet40_root=_path(modelnet40_root), quick=quick or None)
     _run(stage.run, p)
 
 
@@ -303,7 +305,8 @@ def convert(format: Optional[str] = typer.Argument(None, show_default=False),
             strict: Optional[bool] = STRICT,
             sets: Optional[list[str]] = SETS) -> None:
     """Convert a downstream dataset (or the project's points) into a classification store, or
-    ShapeNetPart / the demo's parts into a part-segmentation store."""
+    ShapeNetPart / the demo's parts into a part-segmentation store; the Labeled PSB folder
+    (LabeledDB_new) into either (labeled-psb, labeled-psb-parts)."""
     from stages import convert as stage
 
     p = _params("convert", sets, format=format, source=_path(source), out=_path(out), points=points,

@@ -3,7 +3,9 @@ recon/downstream/study.py on the demo cache, evaluated on the held-out splits of
 and of ModelNet40 files when given (``modelnet40_root``, converted once into the study folder).
 
 Every arm pretrains with the ``pretrain`` section of params.yaml (the demo's budget) plus
-``study.pretrain``; ``quick`` shrinks everything to a smoke run (the tests use it).
+``study.pretrain``; ``quick`` shrinks everything to a smoke run (the tests use it). ``preset`` (table4 |
+table5 | table6 | table9 | table14) runs the arms of that paper table into ``<out>/<preset>``, its
+table.md with the paper's figures beside ours (docs/studies.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ QUICK = {"pretrain": {"model": {"trans_dim": 48, "depth": 2, "decoder_depth": 1,
 
 @dataclass
 class StudyStageParams(StudyParams):
-    out: str = layout.default("study")      # output folder (table.md, probe_vs_epochs.png, per-arm runs)
+    out: str = layout.default("study")      # output folder (table.md, plot, per-arm runs); a preset: its subfolder
     demo_store: str = layout.default(layout.DEMO_STORE)  # the demo's classification store (held out: its test split)
     modelnet40_root: str | None = None      # modelnet40_normal_resampled files, converted once (test split held out)
     modelnet40_points: int = 1024           # points per converted ModelNet40 shape
@@ -59,6 +61,9 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
     out = Path(p.out)
     if p.quick and p.out == StudyStageParams.out:   # a smoke run never replaces the real study's table
         out = out.with_name(out.name + "-quick")
+    converted = out                                  # ModelNet40 files, converted once for every preset
+    if p.preset:                                     # each paper table in a folder of its own
+        out = out / p.preset
     stores = dict(p.stores) or {}
     if not stores:
         if not Path(p.demo_store).exists():
@@ -69,7 +74,7 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
                 raise StageError(f"modelnet40_root {p.modelnet40_root} is not a folder")
             from pipeline.convert import convert_modelnet
             from recon.network.pointops import fps_indices
-            store = out / f"modelnet40-{p.modelnet40_points}.zarr"
+            store = converted / f"modelnet40-{p.modelnet40_points}.zarr"
             convert_modelnet(p.modelnet40_root, store, p.modelnet40_points, fps=fps_indices, log=console.print)
             stores["modelnet40"] = str(store)
     summary = run_study(study_params(p, stores), cache, out, log=console.print)

@@ -105,3 +105,71 @@ def test_detach_changes_only_what_reaches_the_patch_side(global_grads_stop):
             assert grad is None or torch.count_nonzero(grad) == 0, name
     reached = [n for n in free if is_patch_side(n) and nonzero(free[n])]
     assert "encoder.patch_embed.conv1.weight" in reached and len(reached) > 20
+
+
+# ----------------------------------------------------------------------------- the ablation arms
+
+
+def grads_of(model: ReConPretrain, loss_keys: tuple[str, ...]) -> dict[str, torch.Tensor | None]:
+    torch.manual_seed(0)
+    model.train()
+    out = model(torch.randn(4, 128, 3), torch.randn(4, 24), torch.randn(4, 20))
+    sum(out[k] for k in loss_keys).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arm, reaches", [("stopgrad_on", False), ("stopgrad_off", True)])
+def test_stopgrad_arms_decide_whether_distillation_reaches_the_patch_side(arm, reaches):
+    """The study's Table 6 arms, as the trainer builds them: with stop-gradient off the distillation
+    losses train the patch side (embedding, patch branches); on, not one of its numbers moves."""
+    from recon.downstream.study import StudyParams, arm_params
+    from recon.pretraining.trainer import build_model
+
+    model_cfg = {k: getattr(small_cfg(), k) for k in ("trans_dim", "depth", "num_heads", "decoder_depth",
+                                                        "decoder_num_heads", "num_group", "group_size")}
+    p = arm_params(StudyParams(pretrain={"model": model_cfg, "drop_path": 0.0}), arm)
+    torch.manual_seed(0)
+    grads = grads_of(build_model(p, 24, 20), ("loss_img", "loss_text"))
+    for name in ("encoder.patch_embed.conv1.weight", "encoder.blocks.0.patch_attn.qkv.weight",
+                 "encoder.pos_embed.fc1.weight"):
+        assert nonzero(grads[name]) == reaches, name
+    assert any(nonzero(g) for n, g in grads.items() if is_patch_side(n)) == reaches
+
+
+def test_multitask_has_no_stop_gradient():
+    """One plain Transformer: the distillation losses reach every block and the patch embedding, and
+    the reconstruction loss reaches the query tokens (the patches attend to them)."""
+    torch.manual_seed(0)
+    model = ReConPretrain(small_cfg(architecture="multitask"))
+    distill = grads_of(model, ("loss_img", "loss_text"))
+    for name in ("encoder.patch_embed.conv1.weight", "encoder.blocks.0.attn.qkv.weight",
+                 "encoder.blocks.1.mlp.fc2.weight", "encoder.pos_embed.fc1.weight"):
+        assert nonzero(distill[name]), name
+    assert not nonzero(distill["rebuild_head.weight"])
+    model.zero_grad()
+    rec = grads_of(model, ("loss_rec",))
+    for name in ("encoder.img_token", "encoder.text_pos", "mask_token", "rebuild_head.weight"):
+        assert nonzero(rec[name]), name
+    assert not any(n.startswith("decoder") for n in rec)                  # no encoder-decoder split
+
+
+def test_two_tower_losses_stay_in_their_towers():
+    """Two separate networks: the distillation losses train the contrastive tower and the queries only,
+    the reconstruction loss the reconstruction tower and its decoder only."""
+    torch.manual_seed(0)
+    model = ReConPretrain(small_cfg(architecture="two_tower"))
+    def contrast(name: str) -> bool:
+        return name.startswith(("encoder.query_tower.", "encoder.cls_", "encoder.img_", "encoder.text_", "img_proj.",
+                                "text_proj."))
+
+    distill = grads_of(model, ("loss_img", "loss_text"))
+    assert all(not nonzero(g) for n, g in distill.items() if not contrast(n))
+    for name in ("encoder.query_tower.patch_embed.conv1.weight", "encoder.query_tower.blocks.0.attn.qkv.weight",
+                 "encoder.img_token", "img_proj.weight"):
+        assert nonzero(distill[name]), name
+    model.zero_grad()
+    rec = grads_of(model, ("loss_rec",))
+    assert all(not nonzero(g) for n, g in rec.items() if contrast(n))
+    for name in ("encoder.patch_embed.conv1.weight", "encoder.blocks.1.mlp.fc2.weight",
+                 "decoder.blocks.0.attn.qkv.weight", "rebuild_head.weight", "mask_token"):
+        assert nonzero(rec[name]), name

@@ -239,3 +239,14 @@ def test_explicit_options_take_their_help_from_the_field_comments():
     assert helps["epochs"] == docs["epochs"] and helps["cuda_graph"] == docs["cuda_graph"]
     assert helps["loader_workers"].startswith(docs["loader_workers"]) and "auto | N" in helps["loader_workers"]
     assert cli.SETS.help and "KEY=VALUE" in command.params[-1].metavar
+
+
+def test_study_preset_from_its_option_or_set(captured):
+    result, p = invoke(captured, "study", "--preset", "table4")
+    assert result.exit_code == 0, result.output
+    assert p.preset == "table4"
+    result, p = invoke(captured, "study", "--set", "preset=table14")
+    assert result.exit_code == 0, result.output
+    assert p.preset == "table14"
+    result, p = invoke(captured, "study")
+    assert result.exit_code == 0 and p.preset is None

@@ -119,3 +119,121 @@ def test_a_rerun_reuses_finished_arms(study):
     _, _, summary, again, logs = study
     assert again == summary
     assert sum("reusing" in line for line in logs) == 5
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.fixture(scope="module")
+def preset_study(study):
+    """`recon study --preset table9 --quick` on the same cache (the Table 9 baselines end to end: pretraining,
+    probes, fine-tuning, few-shot), then a rerun of two of its arms without the preset."""
+    from recon.downstream.study import run_study
+    from stages import study as stage
+
+    root, store, _, _, _ = study
+    import os
+    os.environ["RECON_PARAMS"] = str(root / "params.yaml")
+    try:
+        p = stage.params({"out": str(root / "presets"), "demo_store": str(store), "quick": True, "device": "cpu"},
+                         ["preset=table9"])
+        summary = stage.run(p, root / "cache")
+        text = (root / "presets" / "table9" / "table.md").read_text()
+        logs: list[str] = []
+        subset = stage.params({"out": str(root / "presets"), "demo_store": str(store), "quick": True, "device": "cpu",
+                               "arms": ["multitask", "two_tower"]})
+        again = run_study(stage.study_params(subset, {"demo": str(store)}), root / "cache", root / "presets" / "table9",
+                          log=logs.append)
+    finally:
+        del os.environ["RECON_PARAMS"]
+    return summary, text, again, logs
+
+
+def test_a_preset_runs_its_tables_arms_beside_the_papers_figures(preset_study):
+    from recon.downstream.study import LABELS, PAPER, PRESETS
+
+    summary, text, _, _ = preset_study
+    assert summary["preset"] == "table9" and list(summary["arms"]) == PRESETS["table9"]
+    sections = text.split("\n\n")
+    header, _, *rows = sections[0].splitlines()
+    assert header.endswith("| paper (ScanObjectNN PB_T50_RS, GPU scale) | paper (ModelNet40, GPU scale) |")
+    assert len(rows) == len(PRESETS["table9"])
+    for arm, row in zip(PRESETS["table9"], rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:2] == ["demo", LABELS[arm]]
+        assert cells[-2:] == PAPER["table9"]["arms"].get(arm, ["–", "–"]), arm     # the paper's own figures
+    assert cells[-2:] == ["90.63", "94.1"] and rows[4].split("|")[-3:-1] == [" 82.53 ", " 91.6 "]   # ReCon; multi-task
+    assert "not ours" in sections[1] and "Table 9" in sections[1]
+    params = sections[-1].splitlines()[2:]
+    for arm, line in zip(PRESETS["table9"], params):
+        counts = summary["arms"][arm]["parameters"]
+        assert line == (f"| {LABELS[arm]} | {counts['architecture']} | {counts['encoder']:,} | "
+                        f"{counts['pretraining']:,} |")
+    arch = {arm: r["parameters"]["architecture"] for arm, r in summary["arms"].items()}
+    assert arch == {**dict.fromkeys(PRESETS["table9"], "recon"), "multitask": "multitask", "two_tower": "two_tower",
+                    "smc_only": "multitask", "cmc_only": "multitask"}
+    n = {arm: r["parameters"]["encoder"] for arm, r in summary["arms"].items()}
+    assert n["multitask"] < n["targets_all"] < n["two_tower"]
+    for arm in ("multitask", "two_tower"):
+        s = summary["arms"][arm]["stores"]["demo"]
+        assert len(s["finetune"]["values"]) == 2 and len(s["fewshot"]["2way2shot"]["folds"]) == 2
+
+
+def test_an_arm_is_reused_whatever_list_or_preset_it_ran_in(preset_study):
+    summary, _, again, logs = preset_study
+    assert again["preset"] is None and list(again["arms"]) == ["multitask", "two_tower"]
+    assert sum("reusing" in line for line in logs) == 2
+    for arm in ("multitask", "two_tower"):
+        assert again["arms"][arm] == summary["arms"][arm]
+
+
+def test_the_paper_figures_are_the_papers(shared):
+    """The copy in the code against PAPER_RESULTS.md (when the shared folder is there): each arm's row,
+    found by its leading cells, holds the figures the preset prints."""
+    import re
+
+    from recon.downstream.study import PAPER, PRESETS
+
+    path = shared / "PAPER_RESULTS.md"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    tables: dict[str, list[list[str]]] = {}
+    for section in path.read_text().split("\n## ")[1:]:
+        number = re.match(r"Table (\d+)", section)
+        if number:
+            cells = [[re.sub(r"^([\d.]+)\s*\(.*\)$", r"\1", c.replace("**", "").strip())   # "88.42 (= ...)" -> "88.42"
+                      for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+            tables[f"table{number.group(1)}"] = cells
+    check, cross = "✓", "–"
+    rows = {  # arm -> the leading cells of its row in the paper's table
+        "table4": {"targets_rec": [check, cross, cross, cross], "targets_rec_text": [check, check, cross, cross],
+                   "targets_rec_img": [check, cross, check, cross], "targets_smc": [check, cross, cross, check],
+                   "targets_all": [check, check, check, cross]},
+        "table5": {"metric_smooth_l1": ["Smooth L1"], "metric_l2": ["L2 distance"],
+                   "metric_cosine": ["cosine similarity"], "metric_infonce": ["InfoNCE"]},
+        "table6": {"stopgrad_on": ["on"], "stopgrad_off": ["off"]},
+        "table9": {"smc_only": ["SMC only (single-modal contrastive)", cross, cross],
+                   "cmc_only": ["CMC only (cross-modal contrastive)", check, check],
+                   "targets_rec": ["Point-MAE (reconstruction only)", cross, cross],
+                   "multitask": ["vanilla multi-task learning", check, check],
+                   "two_tower": ["two-tower network", check, check], "targets_smc": ["ReCon + SMC", cross, cross],
+                   "targets_all": ["ReCon + CMC", check, check]},
+        "table14": {"images_unpaired": ["no"], "images_paired": ["yes"]},
+    }
+    assert set(PAPER) == set(PRESETS) == set(rows)
+    for preset, figures in PAPER.items():
+        assert set(figures["arms"]) == set(rows[preset]) == set(PRESETS[preset]) - {"random_init"}, preset
+        for arm, lead in rows[preset].items():
+            found = [r[len(lead):] for r in tables[preset] if r[:len(lead)] == lead]
+            assert found == [figures["arms"][arm]], (preset, arm, found)
+
+
+def test_a_preset_picks_its_arms_and_unknown_names_are_refused():
+    from recon.downstream.study import PRESETS, StudyParams, study_arms
+
+    assert study_arms(StudyParams(arms=["rec_only"], preset="table6")) == PRESETS["table6"]
+    assert study_arms(StudyParams(arms=["rec_only", "two_tower"])) == ["rec_only", "two_tower"]
+    with pytest.raises(ValueError, match="unknown preset 'table7'"):
+        study_arms(StudyParams(preset="table7"))
+    with pytest.raises(ValueError, match="unknown arm"):
+        study_arms(StudyParams(arms=["three_tower"]))

@@ -145,6 +145,9 @@ class ReConPartSeg(nn.Module):
     def __init__(self, cfg: ReConConfig, seg: PartSegConfig | None = None) -> None:
         super().__init__()
         seg = seg or PartSegConfig()
+        if cfg.architecture != "recon":
+            raise ValueError(f"part segmentation reads the ReCon encoder's blocks; architecture {cfg.architecture!r} "
+                             "(a Table 9 baseline of `recon study`) is not supported")
         bad = [i for i in seg.feature_blocks if not 0 <= i < cfg.depth]
         if bad:
             raise ValueError(f"feature_blocks {bad} outside the encoder's {cfg.depth} blocks")

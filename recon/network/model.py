@@ -6,6 +6,16 @@ queries read the patch tokens through cross attention on a detached copy (stop-g
 Fine-tuning (``ReConClassifier``): all groups visible, no stop-grad, MLP head on
 concat[CLS, IMG, TXT, max over patches].
 
+``ReConConfig.architecture`` swaps the encoder for the paper's Table 9 baselines (the default,
+``recon``, is the model above, unchanged): ``multitask`` is one plain Transformer (``PlainEncoder``)
+over [CLS, IMG, TXT, patches, mask tokens] whose masked patch rows take the reconstruction loss
+through the rebuild head alone (no decoder) and whose queries take the distillation losses (no
+stop-gradient: there is no cross attention); ``two_tower`` (``TwoTowerEncoder``) is a Point-MAE
+reconstruction Transformer with its decoder beside a separate contrastive Transformer with the
+queries, whose feature sequence concatenates both streams channel-wise (width 2C). Every encoder
+returns the same sequence layout (rows 0-2 the queries, then the patches), so the probes, the
+classifier head (4 × ``cfg.feature_dim`` wide) and the export read every architecture the same way.
+
 Numerics follow the released reference code, so that its checkpoints load and give the same
 outputs: the queries are rows 0-2 ([CLS], IMG, TXT) ahead of the patches, the positional sequence
 is added before every block, a block's residual carries the normalised tensor (x = LN(x); x = x +
@@ -37,6 +47,8 @@ VARIANTS: dict[str, dict] = {
 }
 TARGETS = ("rec", "img", "text", "smc")
 PROJ_NORMS = ("none", "batch")
+#: recon: the ReCon encoder (two-branch blocks, stop-grad); multitask / two_tower: the paper's Table 9 baselines
+ARCHITECTURES = ("recon", "multitask", "two_tower")
 
 
 @dataclass
@@ -65,6 +77,7 @@ class ReConConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"img": 0.5}; default 1
     proj_norm: str = "none"          # none (the reference) | batch: BatchNorm (no affine) before img/text_proj
     embed_masked: bool = True        # the reference embeds every group; False: only the visible ones (pretraining)
+    architecture: str = "recon"      # recon | multitask (one plain Transformer) | two_tower (two separate ones)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -75,6 +88,8 @@ class ReConConfig:
             raise ValueError(f"unknown global_loss {self.global_loss!r}")
         if self.proj_norm not in PROJ_NORMS:
             raise ValueError(f"unknown proj_norm {self.proj_norm!r}; choose from {PROJ_NORMS}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose from {ARCHITECTURES}")
         if self.trans_dim % self.num_heads or self.trans_dim % self.decoder_num_heads:
             raise ValueError("trans_dim must be divisible by the head counts")
 
@@ -84,6 +99,11 @@ class ReConConfig:
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
         return cls(**{**VARIANTS[name], **overrides})
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the encoder's feature sequence: C, or 2C for two_tower (both streams side by side)."""
+        return 2 * self.trans_dim if self.architecture == "two_tower" else self.trans_dim
 
     @property
     def num_mask(self) -> int:
@@ -267,7 +287,8 @@ class ReConBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Standard pre-norm Transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+    """Standard pre-norm Transformer block: x + Attn(LN(x)); x + MLP(LN(x)). The reconstruction
+    decoder's, and every block of the plain encoders (:class:`PlainEncoder`) of the baselines."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop_path: float = 0.0, use_sdpa: bool = True) -> None:
@@ -394,6 +415,111 @@ class ReConEncoder(nn.Module):
                     block_outputs=block_outputs, tokens=self.norm(x))
 
 
+class PlainEncoder(nn.Module):
+    """A standard Transformer encoder (Point-MAE's): the same patch embedding and positional MLP as
+    ReCon, then pre-norm blocks (:class:`DecoderBlock`) with full self-attention over the whole
+    sequence, positions re-added before every block, one final LayerNorm.
+
+    With ``queries`` the [CLS, IMG, TXT] tokens (ReCon's names and positions) lead the sequence
+    and every token attends to every other: the vanilla multi-task baseline. No cross attention,
+    so no stop-gradient (``stop_grad`` is accepted for the common signature and ignored)."""
+
+    QUERY_NAMES = ReConEncoder.QUERY_NAMES
+
+    def __init__(self, cfg: ReConConfig, queries: bool = True) -> None:
+        super().__init__()
+        C = cfg.trans_dim
+        self.patch_embed = MiniPointNet(C)
+        self.pos_embed = PositionalMLP(C)
+        self.embed_masked = cfg.embed_masked
+        if queries:
+            for name in self.QUERY_NAMES:
+                setattr(self, f"{name}_token", nn.Parameter(torch.zeros(1, 1, C)))
+                setattr(self, f"{name}_pos", nn.Parameter(torch.zeros(1, 1, C)))
+        self.has_queries = queries
+        self.blocks = nn.ModuleList([
+            DecoderBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dp, cfg.use_sdpa)
+            for dp in drop_path_schedule(cfg.drop_path_rate, cfg.depth)])
+        self.norm = nn.LayerNorm(C)
+
+    queries = ReConEncoder.queries
+
+    def forward(self, neighborhood: Tensor, center: Tensor, visible: Tensor | None = None,
+                stop_grad: bool = False, masked: Tensor | None = None,
+                mask_token: Tensor | None = None) -> dict[str, Tensor | list[Tensor]]:
+        """As :meth:`ReConEncoder.forward`; with ``masked`` [B,M] and ``mask_token`` [1,1,C] the masked
+        groups follow the visible ones as the mask token at their own positions (``tokens`` [B,3+V+M,C]:
+        multi-task pretraining, whose masked rows take the reconstruction loss)."""
+        queries = self.queries(neighborhood.shape[0]) if self.has_queries else None
+        return self.encode_sequence(neighborhood, center, visible, queries, masked, mask_token)
+
+    def encode_sequence(self, neighborhood: Tensor, center: Tensor, visible: Tensor | None,
+                        queries: tuple[Tensor, Tensor] | None, masked: Tensor | None = None,
+                        mask_token: Tensor | None = None) -> dict[str, Tensor | list[Tensor]]:
+        """The blocks over [queries (tokens [B,Q,C], positions [B,Q,C]; None: none), visible patches,
+        mask tokens of ``masked`` (optional)]; returns ``group_tokens``, ``patch_pos`` (visible),
+        ``block_outputs`` and ``tokens`` (final LN), as :meth:`ReConEncoder.forward`."""
+        masked_center = take_rows(center, masked) if masked is not None else None
+        if visible is not None and not self.embed_masked:
+            neighborhood, center, visible = take_rows(neighborhood, visible), take_rows(center, visible), None
+        group_tokens = self.patch_embed(neighborhood)
+        x, c = group_tokens, center
+        if visible is not None:
+            x, c = take_rows(group_tokens, visible), take_rows(center, visible)
+        patch_pos = self.pos_embed(c)
+        pos = patch_pos
+        if masked is not None:
+            x = torch.cat([x, mask_token.expand(x.shape[0], masked.shape[1], -1)], dim=1)
+            pos = torch.cat([pos, self.pos_embed(masked_center)], dim=1)
+        if queries is not None:
+            x, pos = torch.cat([queries[0], x], dim=1), torch.cat([queries[1], pos], dim=1)
+        block_outputs = []
+        for block in self.blocks:
+            x = block(x + pos)
+            block_outputs.append(x)
+        return dict(group_tokens=group_tokens, patch_pos=patch_pos,
+                    block_outputs=block_outputs, tokens=self.norm(x))
+
+
+class TwoTowerEncoder(PlainEncoder):
+    """The two-tower baseline: two separate standard Transformers on the same patches.
+
+    This module's own patch embedding, blocks and norm are the **reconstruction tower** (Point-MAE's
+    encoder: patch tokens only; pretraining puts the MAE decoder on them); ``query_tower`` (its own
+    patch embedding, blocks and norm) is the **contrastive tower**, the [CLS, IMG, TXT] queries ahead
+    of its patches (the query tokens stay here under ReCon's names, so fine-tuning's [CLS], the
+    frozen protocols and the reference initialisation find them; ``query_tower`` matches the
+    pretraining's ``.query_`` learning-rate rule, as ReCon's query branches do).
+
+    ``tokens`` [B,3+V,2C] puts both streams side by side, row by row: the contrastive tower's row in
+    channels 0..C-1, the reconstruction tower's in C..2C-1 (for the three query rows, which that tower
+    lacks, its mean patch token). :func:`head_input` / :func:`svm_input` of it are the concatenated
+    features of both streams; ``streams`` holds each tower's own output."""
+
+    def __init__(self, cfg: ReConConfig) -> None:
+        super().__init__(cfg, queries=True)
+        self.query_tower = PlainEncoder(cfg, queries=False)
+
+    def forward(self, neighborhood: Tensor, center: Tensor, visible: Tensor | None = None,
+                stop_grad: bool = False) -> dict[str, Tensor | list[Tensor] | dict]:
+        rec = self.encode_sequence(neighborhood, center, visible, None)
+        con = self.query_tower.encode_sequence(neighborhood, center, visible, self.queries(neighborhood.shape[0]))
+        rec_tokens, con_tokens = rec["tokens"], con["tokens"]
+        rec_rows = torch.cat([rec_tokens.mean(dim=1, keepdim=True).expand(-1, 3, -1), rec_tokens], dim=1)
+        return dict(group_tokens=rec["group_tokens"], patch_pos=rec["patch_pos"],
+                    block_outputs=con["block_outputs"], tokens=torch.cat([con_tokens, rec_rows], dim=-1),
+                    streams={"reconstruction": rec_tokens, "contrast": con_tokens})
+
+
+def build_encoder(cfg: ReConConfig) -> nn.Module:
+    """The encoder of ``cfg.architecture``: :class:`ReConEncoder`, :class:`PlainEncoder` or :class:`TwoTowerEncoder`."""
+    if cfg.architecture == "multitask":
+        return PlainEncoder(cfg)
+    if cfg.architecture == "two_tower":
+        return TwoTowerEncoder(cfg)
+    return ReConEncoder(cfg)
+
+
 @contextmanager
 def record_attention(encoder: ReConEncoder) -> Iterator[list[dict[str, list[Tensor]]]]:
     """While active, every block of ``encoder`` keeps the softmax probabilities of its two
@@ -401,7 +527,9 @@ def record_attention(encoder: ReConEncoder) -> Iterator[list[dict[str, list[Tens
     among themselves, ``patch_attn``) and ``records[i]["query"]`` [B,H,3,V] (the CLS/IMG/TXT
     queries over the patches, ``query_attn``). They are computed explicitly beside the unchanged
     outputs (SDPA or not), so the network's numbers are identical; off by default, and outside
-    the context nothing is computed or kept."""
+    the context nothing is computed or kept. ReCon's encoder only (the baselines have no query branch)."""
+    if not isinstance(encoder, ReConEncoder):
+        raise ValueError(f"attention recording needs the ReCon encoder, not {type(encoder).__name__}")
     attns = [(block.patch_attn, block.query_attn) for block in encoder.blocks]
     if any(a.record is not None for pair in attns for a in pair):
         raise RuntimeError("record_attention is already active on this encoder")
@@ -464,6 +592,10 @@ class ReConDecoder(nn.Module):
 class ReConPretrain(nn.Module):
     """Pretraining student: encoder, MAE decoder + rebuild head, img/text projections.
 
+    ``cfg.architecture`` ``multitask`` has no decoder (the rebuild head reads the encoder's own
+    mask-token rows) and masks its input only when reconstruction is a target; ``two_tower``'s
+    decoder reads the reconstruction tower, its projections the contrastive tower's queries.
+
     ``target_stats`` (a :class:`recon.pretraining.targets.TargetStats`, not part of the state dict, saved beside
     it in checkpoints) is set when the projections were trained against standardised targets;
     :meth:`zero_shot_features` then maps them back into the teachers' spaces."""
@@ -474,10 +606,11 @@ class ReConPretrain(nn.Module):
         super().__init__()
         self.cfg = cfg
         C = cfg.trans_dim
-        self.encoder = ReConEncoder(cfg)
+        self.encoder = build_encoder(cfg)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, C))
-        self.decoder_pos_embed = PositionalMLP(C)
-        self.decoder = ReConDecoder(cfg)
+        if cfg.architecture != "multitask":   # multi-task: no encoder-decoder split
+            self.decoder_pos_embed = PositionalMLP(C)
+            self.decoder = ReConDecoder(cfg)
         self.rebuild_head = nn.Linear(C, 3 * cfg.group_size)
         # proj_norm "batch": the IMG/TXT queries are one near-constant vector across shapes (per-dimension
         # spread ~0.09 on offsets ~0.8 at init), an ill-conditioned input a linear head barely learns
@@ -499,8 +632,9 @@ class ReConPretrain(nn.Module):
         for p in (*(getattr(self.encoder, f"{n}_{s}") for n in ReConEncoder.QUERY_NAMES
                     for s in ("token", "pos")), self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
-        init_pytorch_default(self.decoder_pos_embed)
-        init_decoder_weights(self.decoder)
+        if hasattr(self, "decoder"):
+            init_pytorch_default(self.decoder_pos_embed)
+            init_decoder_weights(self.decoder)
         init_pytorch_default(self.rebuild_head)
         init_projection_weights(self.img_proj)
         init_projection_weights(self.text_proj)
@@ -515,18 +649,30 @@ class ReConPretrain(nn.Module):
         idx = noise.argsort(dim=1)[:, :M]
         return torch.zeros(batch, G, dtype=torch.bool, device=device).scatter_(1, idx, True)
 
-    def _reconstruct(self, tokens: Tensor, neighborhood: Tensor, center: Tensor, visible: Tensor,
+    @property
+    def masks_input(self) -> bool:
+        """Whether a pretraining forward masks groups: always, but for a multi-task network without
+        the reconstruction target (a plain contrastive Transformer then sees the whole cloud)."""
+        return self.cfg.architecture != "multitask" or "rec" in self.cfg.targets
+
+    def _reconstruct(self, patches: Tensor, neighborhood: Tensor, center: Tensor, visible: Tensor,
                      masked: Tensor) -> dict[str, Tensor]:
-        B, M, S = tokens.shape[0], masked.shape[1], neighborhood.shape[2]
+        """The MAE decoder over the visible ``patches`` [B,V,C] and mask tokens, then the rebuild head."""
+        B, M = patches.shape[0], masked.shape[1]
         dec_pos_vis = self.decoder_pos_embed(take_rows(center, visible))
         dec_pos_mask = self.decoder_pos_embed(take_rows(center, masked))
-        x = torch.cat([tokens[:, 3:], self.mask_token.expand(B, M, -1)], dim=1)
+        x = torch.cat([patches, self.mask_token.expand(B, M, -1)], dim=1)
         decoder_out = self.decoder(x, torch.cat([dec_pos_vis, dec_pos_mask], dim=1), M)
-        rebuild = self.rebuild_head(decoder_out).reshape(B * M, S, 3)
+        return dict(dec_pos_vis=dec_pos_vis, dec_pos_mask=dec_pos_mask,
+                    **self._rebuild(decoder_out, neighborhood, masked))
+
+    def _rebuild(self, rows: Tensor, neighborhood: Tensor, masked: Tensor) -> dict[str, Tensor]:
+        """The rebuild head on the masked groups' rows [B,M,C] (the decoder's output, or the multi-task
+        encoder's own mask-token rows) and the Chamfer-L2 against the true groups."""
+        B, M, S = rows.shape[0], masked.shape[1], neighborhood.shape[2]
+        rebuild = self.rebuild_head(rows).reshape(B * M, S, 3)
         gt = take_rows(neighborhood, masked).reshape(B * M, S, 3)
-        return dict(dec_pos_vis=dec_pos_vis, dec_pos_mask=dec_pos_mask, decoder_out=decoder_out,
-                    rebuild_points=rebuild, gt_points=gt,
-                    loss_rec=L.reconstruction_loss(rebuild, gt))
+        return dict(decoder_out=rows, rebuild_points=rebuild, gt_points=gt, loss_rec=L.reconstruction_loss(rebuild, gt))
 
     def forward(self, points: Tensor, img_target: Tensor | None = None,
                 text_target: Tensor | None = None, mask: Tensor | None = None,
@@ -539,6 +685,7 @@ class ReConPretrain(nn.Module):
 
         - ``loss`` (weighted sum), ``loss_rec``, ``loss_img``, ``loss_text``, ``loss_smc``: scalars
         - ``cls``, ``img``, ``txt``: normed query rows [B,C]; ``tokens``: final LN [B,3+V,C]
+          (multitask: [B,3+V+M,C], the mask-token rows last; two_tower: [B,3+V,2C], see TwoTowerEncoder)
         - ``img_proj`` [B,Di], ``text_proj`` [B,Dt]: projected IMG / TXT queries
         - ``rebuild_points``, ``gt_points``: [B*M,S,3] (None when reconstruction is off)
         - ``center`` [B,G,3], ``neighborhood`` [B,G,S,3], ``mask`` [B,G]
@@ -548,7 +695,9 @@ class ReConPretrain(nn.Module):
         cfg = self.cfg
         neighborhood, center = group_points(points, cfg.num_group, cfg.group_size)
         B = points.shape[0]
-        if mask is None:
+        if mask is None and not self.masks_input:
+            mask, num_mask = torch.zeros(B, cfg.num_group, dtype=torch.bool, device=points.device), 0
+        elif mask is None:
             mask, num_mask = self.random_mask(B, points.device), cfg.num_mask
         else:  # a caller's mask: one host read to learn and check its count
             mask = mask.to(device=points.device, dtype=torch.bool)
@@ -558,21 +707,29 @@ class ReConPretrain(nn.Module):
             num_mask = counts.pop()
         visible, masked = split_groups(mask, num_mask)
 
-        enc = self.encoder(neighborhood, center, visible, stop_grad=cfg.stop_grad)
+        if cfg.architecture == "multitask":   # the mask tokens ride in the one Transformer
+            enc = self.encoder(neighborhood, center, visible, masked=masked, mask_token=self.mask_token)
+        else:
+            enc = self.encoder(neighborhood, center, visible, stop_grad=cfg.stop_grad)
         tokens = enc["tokens"]
         img_proj, text_proj = self.project(tokens)
         zero = tokens.new_zeros(())
+        C = cfg.trans_dim   # the query rows' first C channels: all of them, or two_tower's contrastive stream
         out: dict = dict(neighborhood=neighborhood, center=center, mask=mask,
                          group_tokens=enc["group_tokens"], vis_pos=enc["patch_pos"],
                          block_outputs=enc["block_outputs"], tokens=tokens,
-                         cls=tokens[:, 0], img=tokens[:, 1], txt=tokens[:, 2],
+                         cls=tokens[:, 0, :C], img=tokens[:, 1, :C], txt=tokens[:, 2, :C],
                          img_proj=img_proj, text_proj=text_proj,
                          rebuild_points=None, gt_points=None, dec_pos_vis=None,
                          dec_pos_mask=None, decoder_out=None,
                          loss_rec=zero, loss_img=zero, loss_text=zero, loss_smc=zero)
 
         if "rec" in cfg.targets and num_mask > 0:
-            out.update(self._reconstruct(tokens, neighborhood, center, visible, masked))
+            if cfg.architecture == "multitask":   # a light head on the encoder's mask-token rows, no decoder
+                out.update(self._rebuild(tokens[:, tokens.shape[1] - num_mask:], neighborhood, masked))
+            else:
+                patches = enc["streams"]["reconstruction"] if cfg.architecture == "two_tower" else tokens[:, 3:]
+                out.update(self._reconstruct(patches, neighborhood, center, visible, masked))
         if "img" in cfg.targets and img_target is not None:
             out["loss_img"] = L.global_loss(out["img_proj"], img_target, cfg.global_loss, cfg.infonce_tau)
         if "text" in cfg.targets and text_target is not None:
@@ -586,20 +743,22 @@ class ReConPretrain(nn.Module):
 
     def project(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(img_proj(IMG), text_proj(TXT)) of final normed tokens [B,3+V,C], each [B,D] (through the
-        projection norms when ``cfg.proj_norm`` is "batch")."""
-        return self.img_proj(self.img_norm(tokens[:, 1])), self.text_proj(self.text_norm(tokens[:, 2]))
+        projection norms when ``cfg.proj_norm`` is "batch"); of two_tower's [B,3+V,2C], the
+        contrastive stream's queries (channels 0..C-1)."""
+        C = self.cfg.trans_dim
+        return self.img_proj(self.img_norm(tokens[:, 1, :C])), self.text_proj(self.text_norm(tokens[:, 2, :C]))
 
     def encode(self, points: Tensor) -> Tensor:
-        """Final normed tokens [B,3+G,C] with every group visible."""
+        """Final normed tokens [B,3+G,cfg.feature_dim] with every group visible."""
         neighborhood, center = group_points(points, self.cfg.num_group, self.cfg.group_size)
         return self.encoder(neighborhood, center, None)["tokens"]
 
     def features(self, points: Tensor) -> Tensor:
-        """Probe features concat[CLS, IMG, TXT, max over patches] -> [B,4C]."""
+        """Probe features concat[CLS, IMG, TXT, max over patches] -> [B,4C] (C: ``cfg.feature_dim``)."""
         return head_input(self.encode(points))
 
     def svm_features(self, points: Tensor) -> Tensor:
-        """Reference SVM features concat[max over queries, max+mean over patches] -> [B,2C]."""
+        """Reference SVM features concat[max over queries, max+mean over patches] -> [B,2C] (C: ``cfg.feature_dim``)."""
         return svm_input(self.encode(points))
 
     def zero_shot_features(self, points: Tensor) -> tuple[Tensor, Tensor]:
@@ -615,20 +774,27 @@ class ReConPretrain(nn.Module):
 @torch.no_grad()
 def recalibrate_batchnorm(model: ReConPretrain, clouds: Tensor, batch: int = 32, projections: bool = True) -> None:
     """Precise BatchNorm: re-estimate the running statistics of the patch embedding's BatchNorm
-    layers, then (``projections``) of the projection norms (``proj_norm: batch``: a full encoder
-    pass with every group visible, as evaluation feeds the queries), as the plain average over
-    ``clouds`` [N, n, 3] (train-mode statistics, no gradient, no random draw); the weights are untouched.
+    layers (two_tower: both towers' embeddings), then (``projections``) of the projection norms
+    (``proj_norm: batch``: a full encoder pass with every group visible, as evaluation feeds the
+    queries), as the plain average over ``clouds`` [N, n, 3] (train-mode statistics, no gradient, no
+    random draw); the weights are untouched.
 
     Why: the running variances start at 1 and decay by the momentum (0.9 per step), while the
     true variance of the first layer's output is ~1e-4 (trunc-normal(0.02) weights). After the
     few hundred steps of a short run the eval-mode statistics are still dominated by their
     initial value, so eval-mode features (probes, SVM, zero-shot) differ from the train-mode
     ones the losses were fitted with. The reference's ~120k steps make this moot."""
-    embed = model.encoder.patch_embed
+    embeds = [m for m in model.encoder.modules() if isinstance(m, MiniPointNet)]   # two_tower: one per tower
     was_training = model.training
     model.eval()
-    average_batchnorm_statistics([m for m in embed.modules() if isinstance(m, nn.BatchNorm1d)], clouds, batch,
-                                 lambda c: embed(group_points(c, model.cfg.num_group, model.cfg.group_size)[0]))
+
+    def feed(c: Tensor) -> None:
+        groups = group_points(c, model.cfg.num_group, model.cfg.group_size)[0]
+        for embed in embeds:
+            embed(groups)
+
+    average_batchnorm_statistics([m for e in embeds for m in e.modules() if isinstance(m, nn.BatchNorm1d)],
+                                 clouds, batch, feed)
     if projections:
         average_batchnorm_statistics([m for m in (model.img_norm, model.text_norm) if isinstance(m, nn.BatchNorm1d)],
                                      clouds, batch, lambda c: model.project(model.encode(c)))
@@ -668,13 +834,14 @@ def build_head(in_dim: int, num_classes: int, kind: str) -> nn.Sequential:
 
 
 class ReConClassifier(nn.Module):
-    """Fine-tuning classifier: all groups visible, no stop-grad, head on 4C features."""
+    """Fine-tuning classifier: all groups visible, no stop-grad, head on 4C features (the encoder of
+    ``cfg.architecture``; two_tower: both streams concatenated, 4 × 2C)."""
 
     def __init__(self, cfg: ReConConfig, num_classes: int, head: str = "full") -> None:
         super().__init__()
         self.cfg, self.head_kind, self.num_classes = cfg, head, num_classes
-        self.encoder = ReConEncoder(cfg)
-        self.head = build_head(4 * cfg.trans_dim, num_classes, head)
+        self.encoder = build_encoder(cfg)
+        self.head = build_head(4 * cfg.feature_dim, num_classes, head)
         self.backbone_frozen = False
         self.reset_parameters()
 

@@ -2,7 +2,9 @@
 
 Every random choice of an item (point subset, rotation, view/augmentation, prompt template) is
 drawn from ``np.random.default_rng([seed, epoch, index])``: the same whatever the number of
-DataLoader workers or ranks, and exactly reproducible after a resume.
+DataLoader workers or ranks, and exactly reproducible after a resume. Unpaired image targets
+(``image_pairing: unpaired``, the paper's Table 14) come from a per-epoch shuffle within each
+category, itself a function of (seed, epoch) alone (:func:`image_partners`).
 """
 
 from __future__ import annotations
@@ -174,20 +176,44 @@ def variant_choices(variants: int, image_variants: str = "augmented") -> range:
     return range(1, variants) if variants > 1 and image_variants == "augmented" else range(variants)
 
 
+IMAGE_PAIRINGS = ("paired", "unpaired")
+
+
+def image_partners(categories: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """For items with categories ``categories`` [N], the item whose image targets each one takes in
+    ``epoch`` under ``image_pairing: unpaired``: within every category a seeded shuffle of its items,
+    each taking the next one's images in that order (cyclically). So every image is used once per
+    epoch, always a shape of the same category, never the shape's own when its category has two or
+    more shapes (a lone shape keeps its own). A function of (seed, epoch) only, drawn from a stream of
+    its own (spawn key 1), apart from the items' draws: reproducible, resumable, and the same on every
+    rank and loader worker."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=(1,)))
+    partners = np.arange(len(categories))
+    for category in np.unique(categories):          # sorted: a fixed order of draws
+        order = rng.permutation(np.flatnonzero(categories == category))
+        partners[order] = np.roll(order, -1)
+    return partners
+
+
 class PretrainDataset(Dataset):
     """Items: a random ``n_points`` subset, re-normalised and rotated about Y, with one random
     (view, variant) image target (variants from :func:`variant_choices`) and one random
-    prompt-template text target.
+    prompt-template text target. With ``image_pairing='unpaired'`` the image target is drawn the same
+    way from another shape of the same category (:func:`image_partners`; label and text stay the shape's own).
 
     :meth:`batch` builds a whole micro-batch at once (what the trainer's loader asks for); each
     item's draws still come from its own ``default_rng([seed, epoch, index])``, so a batch holds
     exactly the items ``dataset[i]`` gives."""
 
     def __init__(self, stores: PretrainStores, n_points: int = 1024, rotate: bool = True, seed: int = 0,
-                 image_variants: str = "augmented"):
+                 image_variants: str = "augmented", image_pairing: str = "paired"):
+        if image_pairing not in IMAGE_PAIRINGS:
+            raise ValueError(f"unknown image_pairing {image_pairing!r}; choose from {IMAGE_PAIRINGS}")
         self.s, self.n_points, self.rotate, self.seed = stores, n_points, rotate, seed
         self.variants = variant_choices(stores.image.shape[2], image_variants) if stores.image is not None else None
+        self.image_pairing = image_pairing
         self.epoch = 0
+        self._partners: tuple[int, np.ndarray] | None = None   # (epoch, image_partners of that epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -197,6 +223,16 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.batch([index]).items()}
+
+    def image_rows(self, indices, epoch: int) -> np.ndarray:
+        """The store rows whose image targets items ``indices`` get in ``epoch``: their own (paired), or
+        their :func:`image_partners`' (unpaired, partners among this dataset's shapes)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.image_pairing == "paired":
+            return self.s.rows[indices]
+        if self._partners is None or self._partners[0] != epoch:
+            self._partners = (epoch, image_partners(self.s.category_index[self.s.rows], self.seed, epoch))
+        return self.s.rows[self._partners[1][indices]]
 
     def draws(self, index: int, epoch: int) -> tuple[np.ndarray, float, int, int, int]:
         """Item ``index``'s random choices in ``epoch``: point subset, rotation angle, view,
@@ -230,7 +266,9 @@ class PretrainDataset(Dataset):
                "label": torch.from_numpy(labels.astype(np.int64)),
                "index": torch.from_numpy(rows.astype(np.int64))}
         if self.s.image is not None:
-            out["img"] = torch.from_numpy(self.s.image[rows, np.asarray(views), np.asarray(variants)].astype(np.float32))
+            image_rows = self.image_rows(indices, epoch)
+            out["img"] = torch.from_numpy(self.s.image[image_rows, np.asarray(views), np.asarray(variants)]
+                                          .astype(np.float32))
         if self.s.text is not None:
             out["text"] = torch.from_numpy(self.s.text[labels, np.asarray(templates)].astype(np.float32))
         return out

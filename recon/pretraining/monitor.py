@@ -190,7 +190,7 @@ class PretrainMonitor:
         self.kind, self.batch, self.device, self.seed = kind, batch, device, seed
         self.treatments = check_treatments(bn_treatments)
         cfg = model.cfg
-        self.width = cfg.trans_dim
+        self.width = cfg.feature_dim   # one part of the probe features (two_tower: both streams, 2C)
         self.sets = {name: monitor_set(stores, subset_rows(rows, limit, seed + k), n_points, seed, cfg.num_group,
                                        cfg.num_mask, variants, stats)
                      for k, (name, rows) in enumerate((("train", train_rows), ("test", test_rows))) if len(rows)}

@@ -37,7 +37,9 @@ from recon.runtime.optim import Schedule, adamw, set_lr
 
 LOSS_TERMS = ("rec", "img", "text", "smc")
 #: name fragments of the distillation side, trained at ``query_lr_scale`` × lr: the [CLS]/IMG/TXT tokens
-#: and positions, every block's query branch (``query_norm1/attn/norm2/mlp``) and the IMG/TXT projections.
+#: and positions, every block's query branch (``query_norm1/attn/norm2/mlp``; the two-tower baseline's whole
+#: contrastive tower, ``encoder.query_tower.``) and the IMG/TXT projections. The multi-task baseline's one
+#: shared Transformer trains at lr.
 #: With stop-grad only the distillation losses train them ([CLS]: no default loss); the shared final
 #: LayerNorm and the SMC head ``cls_proj`` stay at lr. tests/test_optim.py checks this against the model.
 QUERY_SIDE = (".query_", "encoder.cls_", "encoder.img_", "encoder.text_", "img_proj.", "text_proj.")
@@ -62,7 +64,13 @@ class PretrainParams:
     #: the losses: rec (masked reconstruction), img, text (distillation)
     targets: list[str] = field(default_factory=lambda: ["rec", "img", "text"])
     global_loss: str = "smooth_l1"  # distillation loss: smooth_l1 (the reference) | l2 | cosine | infonce
-    stop_grad: bool = True         # the queries read the patch tokens detached (the reference)
+    stop_grad: bool = True         # the queries read the patch tokens detached (the reference; architecture recon only)
+    #: recon (the reference) | multitask: one plain Transformer, patch rows reconstruct, queries distil (Table 9)
+    #: | two_tower: a Point-MAE reconstruction Transformer + a separate contrastive one, features concatenated
+    architecture: str = "recon"
+    #: paired (the reference: a shape's own image targets) | unpaired: each epoch, another shape's of the same
+    #: category (a seeded shuffle per (seed, epoch), Table 14)
+    image_pairing: str = "paired"
     split: str = "all"             # shapes to pretrain on: all (the reference: ShapeNet train + test) | train
     target_norm: str = "none"      # none (the reference: raw teacher features) | store (train-split mean/std)
     image_variants: str = "augmented"  # with A > 1 stored variants: augmented (1..A-1) | all (0 = clean too)
@@ -92,7 +100,7 @@ def build_model(p: PretrainParams, image_dim: int, text_dim: int) -> ReConPretra
     cfg = ReConConfig.variant(p.variant, **{"drop_path_rate": p.drop_path, "img_feat_dim": image_dim or 768,
                                              "text_feat_dim": text_dim or 512, "targets": tuple(p.targets),
                                              "global_loss": p.global_loss, "stop_grad": p.stop_grad,
-                                             **p.model})
+                                             "architecture": p.architecture, **p.model})
     return ReConPretrain(cfg)
 
 
@@ -144,7 +152,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         if len(train_rows) == 0:
             raise ValueError("split: train, but no usable shape is in the train split")
         stores = dataclasses.replace(stores, rows=train_rows)
-    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed, p.image_variants)
+    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed, p.image_variants, p.image_pairing)
     variants = dataset.variants or range(0)
     micro, accum = _accumulation(p, d.world)
     # whole micro-batches from persistent workers, each item's draws seeded by (seed, epoch, index)
