@@ -55,9 +55,10 @@ def meshes_dir() -> Path:
 
 def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512,
                           image_dim: int = 16, text_dim: int = 8, variants: int = 2,
-                          templates: int = 4, seed: int = 0) -> Path:
+                          templates: int = 4, seed: int = 0, views: int = 1) -> Path:
     """A cache with shapes.parquet, points.zarr and teacher stores, without rendering: three
-    categories of simple clouds (sphere, cube, cylinder) with features that separate them."""
+    categories of simple clouds (sphere, cube, cylinder) with features that separate them
+    (``views`` image views per shape, each ``variants`` variants)."""
     import numpy as np
     import polars as pl
 
@@ -97,8 +98,8 @@ def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512
           {"points": np.stack(clouds)})
     centres = rng.normal(size=(3, image_dim))
     label = np.array([categories.index(c) for c in cats])
-    image = centres[label][:, None, None] + 0.1 * rng.normal(size=(n, 1, variants, image_dim))
-    write(CacheLayout(cache).image_features, ids, {"features": ArraySpec((1, variants, image_dim), "float16", n)},
+    image = centres[label][:, None, None] + 0.1 * rng.normal(size=(n, views, variants, image_dim))
+    write(CacheLayout(cache).image_features, ids, {"features": ArraySpec((views, variants, image_dim), "float16", n)},
           {"features": image.astype(np.float16)})
     text = rng.normal(size=(3, templates, text_dim))
     write(CacheLayout(cache).text_features, categories, {"features": ArraySpec((templates, text_dim), "float16", 3)},

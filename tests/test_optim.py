@@ -92,3 +92,28 @@ def test_query_side_is_exactly_the_distillation_side(tmp_path, monkeypatch):
 def test_query_lr_scale_one_keeps_one_rate(tmp_path, monkeypatch):
     _, optimizer, lr = run_trainer(tmp_path, monkeypatch, 1.0)
     assert {(g["lr_scale"], g["lr"]) for g in optimizer.param_groups} == {(1.0, lr)}
+
+
+def test_query_side_covers_k_image_queries():
+    """ReCon++'s K image queries are the same two parameters, [1, K, C] (QUERY_SIDE's ``encoder.img_``), and
+    with K = 4 queries matched to 4 views the parameters only distillation trains are still all on the
+    query side (proj_norm none here: a BatchNorm over the K rows would not change the names)."""
+    from recon.network.model import ReConConfig, ReConPretrain
+
+    one, many = (ReConPretrain(ReConConfig(**{**MODEL, "proj_norm": "none"}, img_queries=k, img_match="hungarian"))
+                 for k in (1, 4))
+    assert [n for n, _ in one.named_parameters()] == [n for n, _ in many.named_parameters()]
+    assert many.encoder.img_token.shape == many.encoder.img_pos.shape == (1, 4, 48)
+    many.eval()
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(4, 128, 3, generator=gen) * 2 - 1
+    views, text = torch.randn(4, 4, many.cfg.img_feat_dim, generator=gen), torch.randn(4, many.cfg.text_feat_dim)
+    trained = {}
+    for losses in (("loss_img", "loss_text"), ("loss_rec",)):
+        many.zero_grad(set_to_none=True)
+        out = many(points, views, text, mask=many.random_mask(4, "cpu", generator=torch.Generator().manual_seed(1)))
+        sum(out[k] for k in losses).backward()
+        trained[losses[0]] = {n for n, p in many.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    distillation_only = trained["loss_img"] - trained["loss_rec"]
+    assert {"encoder.img_token", "encoder.img_pos"} <= distillation_only
+    assert all(any(f in n for f in QUERY_SIDE) for n in distillation_only)

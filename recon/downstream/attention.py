@@ -63,7 +63,7 @@ def query_attention_spread(probs: Tensor, centres: Tensor) -> Tensor:
 @torch.no_grad()
 def shape_distances(encoder: ReConEncoder, points: Tensor, num_group: int, group_size: int
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per shape of a batch [B,N,3]: patch distances [B,L,H], query distances [B,L,H,3] and the
+    """Per shape of a batch [B,N,3]: patch distances [B,L,H], query distances [B,L,H,Q] (Q query rows) and the
     uniform-attention reference (mean pairwise centre distance) [B]."""
     neighborhood, center = group_points(points, num_group, group_size)
     with record_attention(encoder) as records:
@@ -90,12 +90,13 @@ def attention_distances(model: torch.nn.Module, clouds: np.ndarray, batch: int =
     finally:
         model.train(was_training)
     patch_head = patch.astype(np.float64).mean(0)                   # [L,H]
-    query_all = query.astype(np.float64).mean(0)                    # [L,H,3]
-    names = ReConEncoder.QUERY_NAMES
+    query_all = query.astype(np.float64).mean(0)                    # [L,H,Q]
+    k = cfg.img_queries   # rows [CLS, IMG_1..IMG_K, TXT]: "img" is the mean over the K image queries
+    rows = dict(zip(ReConEncoder.QUERY_NAMES, (slice(0, 1), slice(1, 1 + k), slice(1 + k, 2 + k))))
     return {
         "patches": {"per_block": patch_head.mean(1).tolist(), "per_head": patch_head.tolist()},
         "queries": {"per_block": query_all.mean((1, 2)).tolist(), "per_head": query_all.mean(2).tolist(),
-                    "per_query": {n: query_all[:, :, i].mean(1).tolist() for i, n in enumerate(names)}},
+                    "per_query": {n: query_all[:, :, r].mean((1, 2)).tolist() for n, r in rows.items()}},
         "uniform": float(uniform.astype(np.float64).mean()),
         "shapes": int(len(clouds)), "blocks": int(patch_head.shape[0]), "heads": int(patch_head.shape[1]),
         "num_group": int(cfg.num_group),

@@ -70,7 +70,7 @@ class ExportableClassifier(nn.Module):
     def forward(self, points: Tensor) -> Tensor:
         neighborhood, center = group_points_exportable(points, self.num_group, self.group_size)
         tokens = self.classifier.encoder(neighborhood, center, None)["tokens"]
-        return self.classifier.head(head_input(tokens))
+        return self.classifier.head(head_input(tokens, self.classifier.cfg.img_queries))
 
 
 class ExportablePartSeg(nn.Module):

@@ -179,8 +179,9 @@ class ReConPartSeg(nn.Module):
         """The network after grouping (the export wraps it with its own grouping)."""
         enc = self.encoder(neighborhood, center, None, stop_grad=False)
         blocks = enc["block_outputs"]
-        groups = torch.cat([self.encoder.norm(blocks[i][:, 3:]) for i in self.seg.feature_blocks], -1)
-        queries = blocks[-1][:, :3].max(dim=1).values
+        q = self.cfg.num_queries
+        groups = torch.cat([self.encoder.norm(blocks[i][:, q:]) for i in self.seg.feature_blocks], -1)
+        queries = blocks[-1][:, :q].max(dim=1).values
         one_hot = F.one_hot(category, self.seg.num_categories).to(groups.dtype).unsqueeze(-1)
         label = self.label_embed(one_hot).squeeze(-1)
         shape = torch.cat([groups.max(dim=1).values, groups.mean(dim=1), queries, label], dim=-1)

@@ -215,7 +215,7 @@ def frozen_probe(model: ReConPretrain, train: ClsData, test: ClsData, n_points: 
 
     def both(x):
         tokens = model.encode(x)
-        return head_input(tokens), svm_input(tokens)
+        return head_input(tokens, model.cfg.img_queries), svm_input(tokens, model.cfg.img_queries)
 
     (knn_tr, svm_tr), (knn_te, svm_te) = (batched(both, eval_clouds(d, n_points, True, device), 64, device)
                                           for d in (train, test))

@@ -78,6 +78,8 @@ class ReConConfig:
     proj_norm: str = "none"          # none (the reference) | batch: BatchNorm (no affine) before img/text_proj
     embed_masked: bool = True        # the reference embeds every group; False: only the visible ones (pretraining)
     architecture: str = "recon"      # recon | multitask (one plain Transformer) | two_tower (two separate ones)
+    img_queries: int = 1             # K learnable IMG queries (ReCon++; docs/reconpp.md); 1 = ReCon
+    img_match: str = "none"          # K queries vs V views: none (query k <-> view k) | hungarian (per shape, min loss)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -92,6 +94,15 @@ class ReConConfig:
             raise ValueError(f"unknown architecture {self.architecture!r}; choose from {ARCHITECTURES}")
         if self.trans_dim % self.num_heads or self.trans_dim % self.decoder_num_heads:
             raise ValueError("trans_dim must be divisible by the head counts")
+        if self.img_queries < 1:
+            raise ValueError(f"img_queries must be >= 1, not {self.img_queries}")
+        if self.img_match not in L.MATCHES:
+            raise ValueError(f"unknown img_match {self.img_match!r}; choose from {L.MATCHES}")
+        if self.img_queries > 1 and self.architecture != "recon":
+            raise ValueError(f"img_queries > 1 needs architecture recon, not {self.architecture!r}")
+        if (self.img_queries > 1 or self.img_match != "none") and self.global_loss == "infonce":
+            raise ValueError("several image queries or matched views need a per-pair loss (smooth_l1, l2, "
+                             "cosine): InfoNCE's in-batch negatives would include the shape's own other views")
 
     @classmethod
     def variant(cls, name: str, **overrides) -> "ReConConfig":
@@ -104,6 +115,11 @@ class ReConConfig:
     def feature_dim(self) -> int:
         """Width of the encoder's feature sequence: C, or 2C for two_tower (both streams side by side)."""
         return 2 * self.trans_dim if self.architecture == "two_tower" else self.trans_dim
+
+    @property
+    def num_queries(self) -> int:
+        """Query rows ahead of the patches: [CLS, IMG_1..IMG_K, TXT] (3 for ReCon)."""
+        return 2 + self.img_queries
 
     @property
     def num_mask(self) -> int:
@@ -258,13 +274,15 @@ class ReConBlock(nn.Module):
     """Two-branch block: patch self-attention + query cross-attention (separate weights).
 
     Residuals carry the *normalised* tensor (as released): x = LN1(x); x = x + Attn(x);
-    x = LN2(x); x = x + MLP(x). Rows 0..2 are the queries, the rest are patches.
+    x = LN2(x); x = x + MLP(x). The first ``num_queries`` rows are the queries ([CLS, IMG, TXT];
+    with K image queries 2 + K), the rest are patches.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 drop_path: float = 0.0, use_sdpa: bool = True) -> None:
+                 drop_path: float = 0.0, use_sdpa: bool = True, num_queries: int = 3) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        self.num_queries = num_queries
         self.patch_norm1 = nn.LayerNorm(dim)
         self.patch_attn = SelfAttention(dim, heads, qkv_bias, use_sdpa)
         self.patch_norm2 = nn.LayerNorm(dim)
@@ -276,7 +294,7 @@ class ReConBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, stop_grad: bool) -> Tensor:
-        q, p = x[:, :3], x[:, 3:]
+        q, p = x[:, :self.num_queries], x[:, self.num_queries:]
         q, p = self.query_norm1(q), self.patch_norm1(p)
         q = q + self.drop_path(self.query_attn(q, p.detach() if stop_grad else p))
         p = p + self.drop_path(self.patch_attn(p))
@@ -359,7 +377,10 @@ def init_pytorch_default(module: nn.Module) -> None:
 
 
 class ReConEncoder(nn.Module):
-    """Patch embedding + [CLS, IMG, TXT] queries + ReCon blocks + shared final LayerNorm."""
+    """Patch embedding + [CLS, IMG, TXT] queries + ReCon blocks + shared final LayerNorm.
+
+    With ``cfg.img_queries`` K > 1 (ReCon++) ``img_token`` / ``img_pos`` are [1,K,C] and the query
+    rows are [CLS, IMG_1..IMG_K, TXT]; K = 1 is ReCon's layout, names and shapes."""
 
     QUERY_NAMES = ("cls", "img", "text")
 
@@ -370,15 +391,16 @@ class ReConEncoder(nn.Module):
         self.pos_embed = PositionalMLP(C)
         self.embed_masked = cfg.embed_masked
         for name in self.QUERY_NAMES:
-            setattr(self, f"{name}_token", nn.Parameter(torch.zeros(1, 1, C)))
-            setattr(self, f"{name}_pos", nn.Parameter(torch.zeros(1, 1, C)))
+            rows = cfg.img_queries if name == "img" else 1
+            setattr(self, f"{name}_token", nn.Parameter(torch.zeros(1, rows, C)))
+            setattr(self, f"{name}_pos", nn.Parameter(torch.zeros(1, rows, C)))
         self.blocks = nn.ModuleList([
-            ReConBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dp, cfg.use_sdpa)
+            ReConBlock(C, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dp, cfg.use_sdpa, cfg.num_queries)
             for dp in drop_path_schedule(cfg.drop_path_rate, cfg.depth)])
         self.norm = nn.LayerNorm(C)
 
     def queries(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Query tokens and their positions, each [B,3,C]."""
+        """Query tokens and their positions, each [B,Q,C] (Q = 3, or 2 + K)."""
         tok = torch.cat([getattr(self, f"{n}_token") for n in self.QUERY_NAMES], dim=1)
         pos = torch.cat([getattr(self, f"{n}_pos") for n in self.QUERY_NAMES], dim=1)
         return tok.expand(batch, -1, -1), pos.expand(batch, -1, -1)
@@ -389,8 +411,8 @@ class ReConEncoder(nn.Module):
         :func:`split_groups`; None = all) enter the blocks.
 
         Returns ``group_tokens`` [B,G,C] (all groups; [B,V,C] when ``embed_masked`` is off),
-        ``patch_pos`` [B,V,C], ``block_outputs`` (list of [B,3+V,C]) and ``tokens`` = final LN
-        output [B,3+V,C].
+        ``patch_pos`` [B,V,C], ``block_outputs`` (list of [B,Q+V,C]) and ``tokens`` = final LN
+        output [B,Q+V,C] (Q = ``cfg.num_queries``: 3, or 2 + K).
         """
         # The mini-PointNet is most of a small student's FLOPs, and a masked group's embedding is
         # never used. The reference embeds them anyway (its BatchNorm statistics see every group);
@@ -557,15 +579,20 @@ def take_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]
 
 
-def head_input(tokens: Tensor) -> Tensor:
-    """concat[CLS, IMG, TXT, max over patch rows] of normed tokens -> [B,4C]."""
-    return torch.cat([tokens[:, 0], tokens[:, 1], tokens[:, 2], tokens[:, 3:].max(dim=1).values], -1)
+def head_input(tokens: Tensor, img_queries: int = 1) -> Tensor:
+    """concat[CLS, IMG, TXT, max over patch rows] of normed tokens -> [B,4C]. With K image queries
+    (rows 1..K) their max stands for IMG, as ReCon++'s classifier does (``img_token.max(1)``);
+    the max over one row is that row, exactly."""
+    k = img_queries
+    return torch.cat([tokens[:, 0], tokens[:, 1:1 + k].max(dim=1).values, tokens[:, 1 + k],
+                      tokens[:, 2 + k:].max(dim=1).values], -1)
 
 
-def svm_input(tokens: Tensor) -> Tensor:
-    """concat[max over queries, max + mean over patches] -> [B,2C] (reference SVM feature)."""
-    patches = tokens[:, 3:]
-    return torch.cat([tokens[:, :3].max(dim=1).values,
+def svm_input(tokens: Tensor, img_queries: int = 1) -> Tensor:
+    """concat[max over the 2 + K query rows, max + mean over patches] -> [B,2C] (reference SVM feature)."""
+    q = 2 + img_queries
+    patches = tokens[:, q:]
+    return torch.cat([tokens[:, :q].max(dim=1).values,
                       patches.max(dim=1).values + patches.mean(dim=1)], dim=-1)
 
 
@@ -679,18 +706,22 @@ class ReConPretrain(nn.Module):
                 labels: Tensor | None = None) -> dict[str, Tensor | list[Tensor] | None]:
         """Pretraining forward.
 
-        points [B,N,3]; img_target [B,Di] / text_target [B,Dt] teacher features (None: that
-        loss is 0); mask [B,G] bool, True = masked (None: random, cfg.num_mask per cloud);
-        labels [B] for the SMC target. Returns a dict:
+        points [B,N,3]; img_target [B,Di] (one view per shape) or [B,Vw,Di] (Vw views per shape,
+        matched to the K image queries by ``cfg.img_match``, :func:`recon.network.losses.matched_loss`)
+        / text_target [B,Dt] teacher features (None: that loss is 0); mask [B,G] bool, True = masked
+        (None: random, cfg.num_mask per cloud); labels [B] for the SMC target. Returns a dict:
 
         - ``loss`` (weighted sum), ``loss_rec``, ``loss_img``, ``loss_text``, ``loss_smc``: scalars
-        - ``cls``, ``img``, ``txt``: normed query rows [B,C]; ``tokens``: final LN [B,3+V,C]
-          (multitask: [B,3+V+M,C], the mask-token rows last; two_tower: [B,3+V,2C], see TwoTowerEncoder)
-        - ``img_proj`` [B,Di], ``text_proj`` [B,Dt]: projected IMG / TXT queries
+        - ``cls``, ``img``, ``txt``: normed query rows [B,C] (``img`` [B,K,C] when K > 1); ``tokens``: final
+          LN [B,Q+V,C], Q = ``cfg.num_queries`` (multitask: [B,3+V+M,C], the mask-token rows last;
+          two_tower: [B,3+V,2C], see TwoTowerEncoder)
+        - ``img_proj`` [B,Di] ([B,K,Di] when K > 1), ``text_proj`` [B,Dt]: projected IMG / TXT queries
+        - ``img_pairs``: (query index [B,P], view index [B,P]) of the matched pairs when the image loss
+          went through the matching (views given as [B,Vw,Di], or K > 1), else None
         - ``rebuild_points``, ``gt_points``: [B*M,S,3] (None when reconstruction is off)
         - ``center`` [B,G,3], ``neighborhood`` [B,G,S,3], ``mask`` [B,G]
         - intermediates: ``group_tokens`` [B,G,C] ([B,V,C] with ``embed_masked`` off), ``vis_pos``
-          [B,V,C], ``block_outputs`` (list of [B,3+V,C]), ``dec_pos_vis``, ``dec_pos_mask``, ``decoder_out`` [B,M,C]
+          [B,V,C], ``block_outputs`` (list of [B,Q+V,C]), ``dec_pos_vis``, ``dec_pos_mask``, ``decoder_out`` [B,M,C]
         """
         cfg = self.cfg
         neighborhood, center = group_points(points, cfg.num_group, cfg.group_size)
@@ -712,26 +743,32 @@ class ReConPretrain(nn.Module):
         else:
             enc = self.encoder(neighborhood, center, visible, stop_grad=cfg.stop_grad)
         tokens = enc["tokens"]
-        img_proj, text_proj = self.project(tokens)
+        img_queries, text_proj = self.project_queries(tokens)
         zero = tokens.new_zeros(())
-        C = cfg.trans_dim   # the query rows' first C channels: all of them, or two_tower's contrastive stream
+        C, K = cfg.trans_dim, cfg.img_queries   # C: the query rows' channels (two_tower: the contrastive stream's)
         out: dict = dict(neighborhood=neighborhood, center=center, mask=mask,
                          group_tokens=enc["group_tokens"], vis_pos=enc["patch_pos"],
                          block_outputs=enc["block_outputs"], tokens=tokens,
-                         cls=tokens[:, 0, :C], img=tokens[:, 1, :C], txt=tokens[:, 2, :C],
-                         img_proj=img_proj, text_proj=text_proj,
-                         rebuild_points=None, gt_points=None, dec_pos_vis=None,
-                         dec_pos_mask=None, decoder_out=None,
+                         cls=tokens[:, 0, :C], img=tokens[:, 1, :C] if K == 1 else tokens[:, 1:1 + K, :C],
+                         txt=tokens[:, 1 + K, :C], img_proj=img_queries[:, 0] if K == 1 else img_queries,
+                         text_proj=text_proj, img_pairs=None, rebuild_points=None, gt_points=None,
+                         dec_pos_vis=None, dec_pos_mask=None, decoder_out=None,
                          loss_rec=zero, loss_img=zero, loss_text=zero, loss_smc=zero)
 
+        # reconstruction first: its kernels are queued before the matching's one host read below
         if "rec" in cfg.targets and num_mask > 0:
             if cfg.architecture == "multitask":   # a light head on the encoder's mask-token rows, no decoder
                 out.update(self._rebuild(tokens[:, tokens.shape[1] - num_mask:], neighborhood, masked))
             else:
-                patches = enc["streams"]["reconstruction"] if cfg.architecture == "two_tower" else tokens[:, 3:]
+                patches = enc["streams"]["reconstruction"] if cfg.architecture == "two_tower" else tokens[:, 2 + K:]
                 out.update(self._reconstruct(patches, neighborhood, center, visible, masked))
         if "img" in cfg.targets and img_target is not None:
-            out["loss_img"] = L.global_loss(out["img_proj"], img_target, cfg.global_loss, cfg.infonce_tau)
+            if K == 1 and img_target.ndim == 2 and cfg.img_match == "none":   # ReCon: one query, one view
+                out["loss_img"] = L.global_loss(out["img_proj"], img_target, cfg.global_loss, cfg.infonce_tau)
+            else:   # K queries vs the views given: the mean loss over the matched pairs only
+                views = img_target if img_target.ndim == 3 else img_target[:, None]
+                out["loss_img"], out["img_pairs"] = L.matched_loss(img_queries, views, cfg.global_loss,
+                                                                   cfg.img_match, cfg.infonce_tau)
         if "text" in cfg.targets and text_target is not None:
             out["loss_text"] = L.global_loss(out["text_proj"], text_target, cfg.global_loss, cfg.infonce_tau)
         if "smc" in cfg.targets and labels is not None:
@@ -741,29 +778,38 @@ class ReConPretrain(nn.Module):
         out["loss"] = sum(w.get(k, 1.0) * out[f"loss_{k}"] for k in TARGETS)
         return out
 
+    def project_queries(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(img_proj of each IMG query [B,K,Di], text_proj(TXT) [B,Dt]) of final normed tokens
+        [B,Q+V,C] (through the projection norms when ``cfg.proj_norm`` is "batch": one BatchNorm over
+        the B·K image rows); of two_tower's [B,3+V,2C], the contrastive stream's queries (channels 0..C-1)."""
+        C, K = self.cfg.trans_dim, self.cfg.img_queries
+        img = self.img_proj(self.img_norm(tokens[:, 1:1 + K, :C].reshape(-1, C))).reshape(tokens.shape[0], K, -1)
+        return img, self.text_proj(self.text_norm(tokens[:, 1 + K, :C]))
+
     def project(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """(img_proj(IMG), text_proj(TXT)) of final normed tokens [B,3+V,C], each [B,D] (through the
-        projection norms when ``cfg.proj_norm`` is "batch"); of two_tower's [B,3+V,2C], the
-        contrastive stream's queries (channels 0..C-1)."""
-        C = self.cfg.trans_dim
-        return self.img_proj(self.img_norm(tokens[:, 1, :C])), self.text_proj(self.text_norm(tokens[:, 2, :C]))
+        """(img_proj(IMG), text_proj(TXT)), each [B,D]: :meth:`project_queries` with the K image
+        queries fused into one prediction, their mean (K = 1: the IMG query itself). What zero-shot,
+        the monitor and the probes read."""
+        img, txt = self.project_queries(tokens)
+        return (img[:, 0] if self.cfg.img_queries == 1 else img.mean(dim=1)), txt
 
     def encode(self, points: Tensor) -> Tensor:
-        """Final normed tokens [B,3+G,cfg.feature_dim] with every group visible."""
+        """Final normed tokens [B,Q+G,cfg.feature_dim] with every group visible."""
         neighborhood, center = group_points(points, self.cfg.num_group, self.cfg.group_size)
         return self.encoder(neighborhood, center, None)["tokens"]
 
     def features(self, points: Tensor) -> Tensor:
-        """Probe features concat[CLS, IMG, TXT, max over patches] -> [B,4C] (C: ``cfg.feature_dim``)."""
-        return head_input(self.encode(points))
+        """Probe features concat[CLS, IMG (max over the K), TXT, max over patches] -> [B,4C] (C: ``cfg.feature_dim``)."""
+        return head_input(self.encode(points), self.cfg.img_queries)
 
     def svm_features(self, points: Tensor) -> Tensor:
         """Reference SVM features concat[max over queries, max+mean over patches] -> [B,2C] (C: ``cfg.feature_dim``)."""
-        return svm_input(self.encode(points))
+        return svm_input(self.encode(points), self.cfg.img_queries)
 
     def zero_shot_features(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """(img_proj(IMG), text_proj(TXT)) with every group visible, each [B,D], in the teachers'
-        spaces (de-normalised when the targets were standardised)."""
+        spaces (de-normalised when the targets were standardised); K image queries fused by
+        :meth:`project` (their mean)."""
         img, txt = self.project(self.encode(points))
         if self.target_stats is not None:
             img = self.target_stats.denormalize("img", img) if self.target_stats.img_mean is not None else img
@@ -861,14 +907,14 @@ class ReConClassifier(nn.Module):
         init_pytorch_default(self.head)
 
     def forward_tokens(self, points: Tensor) -> dict[str, Tensor | list[Tensor]]:
-        """Grouping + encoder outputs (``tokens`` = final LN [B,3+G,C]) and ``center``/``neighborhood``."""
+        """Grouping + encoder outputs (``tokens`` = final LN [B,Q+G,C]) and ``center``/``neighborhood``."""
         neighborhood, center = group_points(points, self.cfg.num_group, self.cfg.group_size)
         out = self.encoder(neighborhood, center, None, stop_grad=False)
         out.update(neighborhood=neighborhood, center=center)
         return out
 
     def features(self, points: Tensor) -> Tensor:
-        return head_input(self.forward_tokens(points)["tokens"])
+        return head_input(self.forward_tokens(points)["tokens"], self.cfg.img_queries)
 
     def forward(self, points: Tensor) -> Tensor:
         """points [B,N,3] -> logits [B,num_classes]."""

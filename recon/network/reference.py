@@ -201,6 +201,8 @@ def config_from_state_dict(ours: Mapping[str, Tensor], num_heads: int | None = N
               "decoder_num_heads": heads}
     if count("decoder.blocks."):
         config["decoder_depth"] = count("decoder.blocks.")
+    if "encoder.img_token" in ours and ours["encoder.img_token"].shape[1] != 1:   # ReCon++: K image queries
+        config["img_queries"] = int(ours["encoder.img_token"].shape[1])
     if "rebuild_head.weight" in ours:
         config["group_size"] = int(ours["rebuild_head.weight"].shape[0]) // 3
     for name, field in (("img_proj.weight", "img_feat_dim"), ("text_proj.weight", "text_feat_dim")):

@@ -198,7 +198,8 @@ def image_partners(categories: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 class PretrainDataset(Dataset):
     """Items: a random ``n_points`` subset, re-normalised and rotated about Y, with one random
     (view, variant) image target (variants from :func:`variant_choices`) and one random
-    prompt-template text target. With ``image_pairing='unpaired'`` the image target is drawn the same
+    prompt-template text target. With ``all_views`` (ReCon++'s K image queries matched to the
+    views, docs/reconpp.md) the image target is every stored view, [V, D], each in one random variant. With ``image_pairing='unpaired'`` the image target is drawn the same
     way from another shape of the same category (:func:`image_partners`; label and text stay the shape's own).
 
     :meth:`batch` builds a whole micro-batch at once (what the trainer's loader asks for); each
@@ -206,10 +207,11 @@ class PretrainDataset(Dataset):
     exactly the items ``dataset[i]`` gives."""
 
     def __init__(self, stores: PretrainStores, n_points: int = 1024, rotate: bool = True, seed: int = 0,
-                 image_variants: str = "augmented", image_pairing: str = "paired"):
+                 image_variants: str = "augmented", image_pairing: str = "paired", all_views: bool = False):
         if image_pairing not in IMAGE_PAIRINGS:
             raise ValueError(f"unknown image_pairing {image_pairing!r}; choose from {IMAGE_PAIRINGS}")
         self.s, self.n_points, self.rotate, self.seed = stores, n_points, rotate, seed
+        self.all_views = all_views and stores.image is not None
         self.variants = variant_choices(stores.image.shape[2], image_variants) if stores.image is not None else None
         self.image_pairing = image_pairing
         self.epoch = 0
@@ -234,14 +236,19 @@ class PretrainDataset(Dataset):
             self._partners = (epoch, image_partners(self.s.category_index[self.s.rows], self.seed, epoch))
         return self.s.rows[self._partners[1][indices]]
 
-    def draws(self, index: int, epoch: int) -> tuple[np.ndarray, float, int, int, int]:
+    def draws(self, index: int, epoch: int) -> tuple[np.ndarray, float, int | np.ndarray, int | np.ndarray, int]:
         """Item ``index``'s random choices in ``epoch``: point subset, rotation angle, view,
-        variant, template (the order in which they are drawn is part of the contract)."""
+        variant, template (the order in which they are drawn is part of the contract). With
+        ``all_views`` the views are all V of them ([V]) and the variants one per view ([V]), drawn
+        where the one view and its variant are drawn otherwise."""
         rng = np.random.default_rng([self.seed, epoch, index])
         pick = rng.choice(self.s.points.shape[1], self.n_points, replace=False)
         angle = rng.uniform(0.0, 2.0 * math.pi) if self.rotate else 0.0
         view = variant = template = 0
-        if self.s.image is not None:
+        if self.all_views:
+            view = np.arange(self.s.image.shape[1])
+            variant = np.asarray(self.variants)[rng.integers(len(self.variants), size=len(view))]
+        elif self.s.image is not None:
             view = rng.integers(self.s.image.shape[1])
             variant = self.variants[rng.integers(len(self.variants))]
         if self.s.text is not None:
@@ -265,9 +272,10 @@ class PretrainDataset(Dataset):
         out = {"points": torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)),
                "label": torch.from_numpy(labels.astype(np.int64)),
                "index": torch.from_numpy(rows.astype(np.int64))}
-        if self.s.image is not None:
+        if self.s.image is not None:   # [B, D], or [B, V, D] with all_views
             image_rows = self.image_rows(indices, epoch)
-            out["img"] = torch.from_numpy(self.s.image[image_rows, np.asarray(views), np.asarray(variants)]
+            rows_index = image_rows[:, None] if self.all_views else image_rows
+            out["img"] = torch.from_numpy(self.s.image[rows_index, np.asarray(views), np.asarray(variants)]
                                           .astype(np.float32))
         if self.s.text is not None:
             out["text"] = torch.from_numpy(self.s.text[labels, np.asarray(templates)].astype(np.float32))

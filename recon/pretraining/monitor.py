@@ -128,7 +128,8 @@ def encode(model: ReConPretrain, s: MonitorSet, batch: int, device) -> Encoded:
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     for i in range(0, len(s.rows), batch):
         tokens = model.encode(torch.from_numpy(s.clouds[i:i + batch]).to(device))
-        for part, value in zip(parts, (head_input(tokens), svm_input(tokens), *model.project(tokens))):
+        k = model.cfg.img_queries
+        for part, value in zip(parts, (head_input(tokens, k), svm_input(tokens, k), *model.project(tokens))):
             part.append(value.float().cpu())
     model.train(was_training)
     features, svm, img, text = (torch.cat(p) for p in parts)

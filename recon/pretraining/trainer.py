@@ -4,10 +4,12 @@ One readable loop: AdamW with the reference parameter groups (the distillation s
 at ``query_lr_scale`` × lr), warm-up + cosine schedule per epoch (the reference) or per step,
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
-epoch, exact resume, a non-finite-loss guard. Targets can be standardised with train-split
-statistics (``target_norm: store``, recon/pretraining/targets.py); every epoch, recon/pretraining/monitor.py measures the
-losses on fixed train and test shapes against their mean-target baselines and probes the features
-against the same network at random init, both under every BatchNorm treatment (history.csv).
+epoch, exact resume, a non-finite-loss guard. ReCon++'s K image queries matched to all V cached
+views (``model.img_queries``, ``match``; docs/reconpp.md). Targets can be standardised with
+train-split statistics (``target_norm: store``, recon/pretraining/targets.py); every epoch,
+recon/pretraining/monitor.py measures the losses on fixed train and test shapes against their
+mean-target baselines and probes the features against the same network at random init, both under
+every BatchNorm treatment (history.csv).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class PretrainParams:
     #: the losses: rec (masked reconstruction), img, text (distillation)
     targets: list[str] = field(default_factory=lambda: ["rec", "img", "text"])
     global_loss: str = "smooth_l1"  # distillation loss: smooth_l1 (the reference) | l2 | cosine | infonce
+    #: how the K image queries (model.img_queries) meet a shape's V cached views: none (K = 1: one random view
+    #: per step, ReCon; K > 1: query k with view k, K = V) | hungarian (all V views, per shape the pairs of least
+    #: total loss on the detached [K, V] loss matrix, ReCon++; one host transfer per step)
+    match: str = "none"
     stop_grad: bool = True         # the queries read the patch tokens detached (the reference; architecture recon only)
     #: recon (the reference) | multitask: one plain Transformer, patch rows reconstruct, queries distil (Table 9)
     #: | two_tower: a Point-MAE reconstruction Transformer + a separate contrastive one, features concatenated
@@ -96,12 +102,21 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def build_model(p: PretrainParams, image_dim: int, text_dim: int) -> ReConPretrain:
-    cfg = ReConConfig.variant(p.variant, **{"drop_path_rate": p.drop_path, "img_feat_dim": image_dim or 768,
+def model_config(p: PretrainParams, image_dim: int, text_dim: int) -> ReConConfig:
+    return ReConConfig.variant(p.variant, **{"drop_path_rate": p.drop_path, "img_feat_dim": image_dim or 768,
                                              "text_feat_dim": text_dim or 512, "targets": tuple(p.targets),
                                              "global_loss": p.global_loss, "stop_grad": p.stop_grad,
-                                             "architecture": p.architecture, **p.model})
-    return ReConPretrain(cfg)
+                                             "architecture": p.architecture, "img_match": p.match, **p.model})
+
+
+def build_model(p: PretrainParams, image_dim: int, text_dim: int) -> ReConPretrain:
+    return ReConPretrain(model_config(p, image_dim, text_dim))
+
+
+def uses_all_views(cfg: ReConConfig) -> bool:
+    """Whether the image targets are every cached view of a shape ([V, D] per item: K > 1 image queries,
+    or the matching) rather than one random view ([D], ReCon)."""
+    return cfg.img_queries > 1 or cfg.img_match != "none"
 
 
 def _accumulation(p: PretrainParams, world: int) -> tuple[int, int]:
@@ -120,6 +135,8 @@ def check_cuda_graph(p: PretrainParams, d: Dist) -> None:
         raise ValueError(f"cuda_graph needs a CUDA device; this run is on {d.device}")
     if d.enabled:
         raise ValueError("cuda_graph runs on one GPU; under torchrun/DDP leave it off")
+    if p.match == "hungarian":
+        raise ValueError("cuda_graph cannot capture match: hungarian (the matching reads the loss matrix on the host)")
 
 
 def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
@@ -152,7 +169,12 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         if len(train_rows) == 0:
             raise ValueError("split: train, but no usable shape is in the train split")
         stores = dataclasses.replace(stores, rows=train_rows)
-    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed, p.image_variants, p.image_pairing)
+    cfg = model_config(p, stores.image_dim, stores.text_dim)
+    if use_image and cfg.img_match == "none" and cfg.img_queries > 1 and cfg.img_queries != stores.image.shape[1]:
+        raise ValueError(f"match: none pairs image query k with view k, but the model has {cfg.img_queries} image "
+                         f"queries and the store {stores.image.shape[1]} views (use match: hungarian)")
+    dataset = PretrainDataset(stores, p.n_points, p.rotate, p.seed, p.image_variants, p.image_pairing,
+                              all_views=use_image and uses_all_views(cfg))
     variants = dataset.variants or range(0)
     micro, accum = _accumulation(p, d.world)
     # whole micro-batches from persistent workers, each item's draws seeded by (seed, epoch, index)
@@ -162,7 +184,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     if d.is_main:
         log(f"pretrain: {len(dataset)} shapes, micro-batches of {micro} built by "
             f"{workers or 'no'} loader worker{'s' if workers != 1 else ''} per process")
-    model = build_model(p, stores.image_dim, stores.text_dim).to(d.device)
+    model = ReConPretrain(cfg).to(d.device)
     stats = None
     if p.target_norm == "store":  # train-split statistics of the cached targets, computed once
         stats = compute_target_stats(stores.image, stores.text, stores.category_index,
