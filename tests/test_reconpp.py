@@ -1,5 +1,6 @@
-"""ReCon++ (docs/reconpp.md): K image queries matched to a shape's V cached views, and K through
-fine-tuning, zero-shot, checkpoints and the ONNX export."""
+"""ReCon++ (docs/reconpp.md): K image queries matched to a shape's V cached views, the
+reconstruction-only first stage, and K through fine-tuning, zero-shot, checkpoints and the ONNX
+export."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from recon.downstream.recipes import FinetuneParams
 from recon.network import losses as L
 from recon.network.model import ReConClassifier, ReConConfig, ReConPretrain, head_input, svm_input
 from recon.network.reference import config_from_state_dict
+from recon.pretraining import trainer
 from recon.pretraining.data import PretrainDataset, open_pretrain_stores
 from recon.pretraining.trainer import PretrainParams, train
 from recon.runtime import trainstate
+from recon.runtime.optim import Schedule
 
 TINY = dict(trans_dim=48, num_heads=3, decoder_num_heads=3, depth=2, decoder_depth=1, num_group=8, group_size=16)
 DI, DT = 12, 8
@@ -215,4 +218,56 @@ def test_onnx_export_with_k_image_queries(tmp_path):
     rng = np.random.default_rng(1)
     for b, n in ((2, 128), (3, 200)):
         assert check_onnx(path, model, rng.normal(size=(b, n, 3)).astype(np.float32)) <= 1e-4
+
+
+def staged_run(cache, out, **overrides):
+    return train(tiny(rec_epochs=2, epochs=2, **overrides), cache, out, log=lambda *_: None)
+
+
+def test_reconstruction_stage_then_full_objective_each_with_its_schedule(tmp_path, monkeypatch):
+    cache = write_synthetic_cache(tmp_path / "cache")
+    lrs, optimizers = [], []
+    real_set_lr, real_adamw = trainer.set_lr, trainer.adamw
+    monkeypatch.setattr(trainer, "set_lr", lambda opt, lr: (lrs.append(lr), real_set_lr(opt, lr)))
+    monkeypatch.setattr(trainer, "adamw", lambda *a: optimizers.append(real_adamw(*a)) or optimizers[-1])
+    result = staged_run(cache, tmp_path / "run")
+    history = result["history"]
+    assert [r["stage"] for r in history] == ["rec", "rec", "full", "full"]
+    assert all(r["loss_img"] == 0 and r["loss_text"] == 0 and r["loss_rec"] > 0 for r in history[:2])
+    assert all(r["loss_img"] > 0 and r["loss_text"] > 0 for r in history[2:])
+    per_epoch = 3                                   # 12 shapes, batch 4
+    stage = Schedule("step", 2, 1, per_epoch, 5e-4)  # each stage: 2 epochs, 1 warm-up epoch, from its own step 0
+    assert lrs == pytest.approx([stage.lr(s) for s in range(2 * per_epoch)] * 2, rel=1e-12)
+    assert len(optimizers) == 2                     # fresh AdamW moments at the boundary: 6 steps each
+    assert {float(s["step"]) for opt in optimizers for s in opt.state.values()} == {6.0}
+    names = {id(p): n for n, p in result["model"].named_parameters()}
+    untouched = {names[id(p)] for g in optimizers[0].param_groups for p in g["params"] if p not in optimizers[0].state}
+    assert untouched == {n for n in names.values() if any(f in n for f in trainer.QUERY_SIDE)}   # no step in stage 1
+    torch.manual_seed(0)                            # the run's initial weights (seed 0)
+    init = trainer.build_model(tiny(), 16, 8).state_dict()
+    after_stage_1 = trainstate.load(tmp_path / "run" / "checkpoints" / "epoch-0001.pt")["model"]
+    for name in untouched:                          # the distillation side enters stage 2 as initialised
+        assert torch.equal(after_stage_1[name], init[name]), name
+    assert not torch.equal(after_stage_1["encoder.blocks.0.patch_attn.qkv.weight"],
+                           init["encoder.blocks.0.patch_attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("killed_after", [1, 2, 3], ids=["in-stage-1", "at-the-boundary", "in-stage-2"])
+def test_a_killed_staged_run_resumes_in_its_stage_exactly(tmp_path, killed_after):
+    cache = write_synthetic_cache(tmp_path / "cache")
+    straight = staged_run(cache, tmp_path / "a")
+    first = staged_run(cache, tmp_path / "b", max_steps=3 * killed_after)
+    assert len(first["history"]) == killed_after
+    resumed = staged_run(cache, tmp_path / "b")
+    assert [r["stage"] for r in resumed["history"]] == ["rec", "rec", "full", "full"]
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in straight["history"]]
+    assert [r["lr"] for r in resumed["history"]] == [r["lr"] for r in straight["history"]]
+    for (name, a), (_, b) in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_reconstruction_stage_needs_the_reconstruction_target(tmp_path):
+    with pytest.raises(ValueError, match="needs rec_epochs >= 0 and 'rec' in targets"):
+        train(tiny(rec_epochs=1, targets=["img", "text"]), write_synthetic_cache(tmp_path / "c"), tmp_path / "r",
+              log=lambda *_: None)
 

@@ -4,12 +4,12 @@ One readable loop: AdamW with the reference parameter groups (the distillation s
 at ``query_lr_scale`` × lr), warm-up + cosine schedule per epoch (the reference) or per step,
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
-epoch, exact resume, a non-finite-loss guard. ReCon++'s K image queries matched to all V cached
-views (``model.img_queries``, ``match``; docs/reconpp.md). Targets can be standardised with
-train-split statistics (``target_norm: store``, recon/pretraining/targets.py); every epoch,
-recon/pretraining/monitor.py measures the losses on fixed train and test shapes against their
-mean-target baselines and probes the features against the same network at random init, both under
-every BatchNorm treatment (history.csv).
+epoch, exact resume, a non-finite-loss guard. ReCon++ options (docs/reconpp.md): K image queries
+matched to all V cached views (``model.img_queries``, ``match``) and a reconstruction-only first
+stage (``rec_epochs``). Targets can be standardised with train-split statistics (``target_norm:
+store``, recon/pretraining/targets.py); every epoch, recon/pretraining/monitor.py measures the losses
+on fixed train and test shapes against their mean-target baselines and probes the features against
+the same network at random init, both under every BatchNorm treatment (history.csv).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ QUERY_SIDE = (".query_", "encoder.cls_", "encoder.img_", "encoder.text_", "img_p
 class PretrainParams:
     variant: str = "tiny"          # student width: tiny (192/3) | small (256/4) | base (384/6)
     model: dict = field(default_factory=dict)  # ReConConfig overrides, e.g. {depth: 4, num_group: 32}
-    epochs: int = 300              # passes over the pretraining shapes (the paper: 300)
+    epochs: int = 300              # passes over the pretraining shapes with the full objective (the paper: 300)
     batch_size: int = 128          # global batch per optimiser step
     micro_batch: int | None = None  # per-forward batch per process; accumulation fills the rest
     lr: float = 5e-4               # peak learning rate (AdamW, cosine)
@@ -70,6 +70,10 @@ class PretrainParams:
     #: per step, ReCon; K > 1: query k with view k, K = V) | hungarian (all V views, per shape the pairs of least
     #: total loss on the detached [K, V] loss matrix, ReCon++; one host transfer per step)
     match: str = "none"
+    #: epochs of a reconstruction-only first stage (ReCon++'s generative stage; the distillation side, QUERY_SIDE,
+    #: does not move) before the ``epochs`` of the full objective; each stage has its own warm-up + cosine schedule
+    #: and fresh AdamW moments; 0 = one stage
+    rec_epochs: int = 0
     stop_grad: bool = True         # the queries read the patch tokens detached (the reference; architecture recon only)
     #: recon (the reference) | multitask: one plain Transformer, patch rows reconstruct, queries distil (Table 9)
     #: | two_tower: a Point-MAE reconstruction Transformer + a separate contrastive one, features concatenated
@@ -137,6 +141,8 @@ def check_cuda_graph(p: PretrainParams, d: Dist) -> None:
         raise ValueError("cuda_graph runs on one GPU; under torchrun/DDP leave it off")
     if p.match == "hungarian":
         raise ValueError("cuda_graph cannot capture match: hungarian (the matching reads the loss matrix on the host)")
+    if p.rec_epochs > 0:
+        raise ValueError("cuda_graph replays one objective; with rec_epochs > 0 the step changes at the stage boundary")
 
 
 def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
@@ -156,6 +162,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         raise ValueError(f"unknown split {p.split!r}; choose from all, train")
     if p.target_norm not in TARGET_NORMS:
         raise ValueError(f"unknown target_norm {p.target_norm!r}; choose from {TARGET_NORMS}")
+    if p.rec_epochs < 0 or (p.rec_epochs > 0 and "rec" not in p.targets):
+        raise ValueError(f"rec_epochs {p.rec_epochs}: a reconstruction-only stage needs rec_epochs >= 0 and 'rec' in targets")
     torch.manual_seed(p.seed + d.rank)
     use_image, use_text = "img" in p.targets, "text" in p.targets
     stores = open_pretrain_stores(cache, use_image, use_text, log=log if d.is_main else None)
@@ -209,15 +217,18 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         start_epoch, step, history = state["epoch"] + 1, state["step"], json.loads(state["history"])
         trainstate.set_rng_state(state["rng"])
     net = torch.compile(model) if p.compile else model
-    if d.enabled:
-        unused = set(p.targets) != {"rec", "img", "text"}  # heads of switched-off targets get no grad
+    if d.enabled:   # heads of switched-off targets, and the query side in a reconstruction-only stage, get no grad
+        unused = set(p.targets) != {"rec", "img", "text"} or p.rec_epochs > 0
         net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                   find_unused_parameters=unused)
 
     steps_per_epoch = len(dataset) // (micro * d.world * accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} shapes is fewer than one batch of {p.batch_size}")
-    schedule = Schedule(p.schedule, p.epochs, p.warmup_epochs, steps_per_epoch, p.lr, p.min_lr, p.warmup_lr)
+    total_epochs = p.rec_epochs + p.epochs
+    query_side = [param for name, param in model.named_parameters() if any(f in name for f in QUERY_SIDE)]
+    schedules = {stage: Schedule(p.schedule, epochs, p.warmup_epochs, steps_per_epoch, p.lr, p.min_lr, p.warmup_lr)
+                 for stage, epochs in (("rec", p.rec_epochs), ("full", p.epochs)) if epochs > 0}
     on_cuda = d.device.type == "cuda"
 
     def forward_terms(points, img, text, labels):
@@ -231,16 +242,25 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
 
     graphed = GraphedForwardBackward(forward_terms, model) if p.cuda_graph else None
 
-    for epoch in range(start_epoch, p.epochs):
+    for epoch in range(start_epoch, total_epochs):
+        # stages: epochs 0..rec_epochs-1 reconstruct only, then the full objective; each stage's schedule
+        # counts its own steps from the step its first epoch began at (the history says which, on resume too)
+        stage = "rec" if epoch < p.rec_epochs else "full"
+        schedule = schedules[stage]
+        stage_start = 0 if stage == "rec" or p.rec_epochs == 0 else \
+            next(r["step"] for r in history if r["epoch"] == p.rec_epochs - 1)
+        if p.rec_epochs > 0 and epoch == p.rec_epochs:   # the full objective starts as a new run: fresh AdamW moments
+            optimizer = adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)  # its batches carry the epoch to the workers
         model.train()
         sums = {k: 0.0 for k in ("loss", *LOSS_TERMS)}
         seen, t0, t_data = 0, time.perf_counter(), 0.0
-        bar = progress_factory(f"epoch {epoch + 1}/{p.epochs}", steps_per_epoch) if progress_factory and d.is_main else None
+        title = f"epoch {epoch + 1}/{total_epochs}" + (" (reconstruction only)" if stage == "rec" else "")
+        bar = progress_factory(title, steps_per_epoch) if progress_factory and d.is_main else None
         batches = iter(loader)
         for _ in range(steps_per_epoch):
-            set_lr(optimizer, schedule.lr(step))
+            set_lr(optimizer, schedule.lr(step - stage_start))
             for micro_step in range(accum):
                 t = time.perf_counter()
                 batch = next(batches)
@@ -249,6 +269,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                 if stats is not None:  # standardised targets: both terms on one scale
                     batch.update({k: stats.normalize(k, batch[k]) for k in ("img", "text") if k in batch})
                 inputs = (batch["points"], batch.get("img"), batch.get("text"), batch["label"])
+                if stage == "rec":   # no distillation (nor SMC) target: the query side gets no gradient
+                    inputs = (batch["points"], None, None, None)
                 if graphed is not None:
                     terms = graphed(*inputs).tolist()
                 else:
@@ -264,6 +286,9 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                 for k, value in zip(sums, terms):
                     sums[k] += value * batch["points"].shape[0]
                 seen += batch["points"].shape[0]
+            if stage == "rec":   # the distillation side has no loss yet: its (zero) gradients make no AdamW step,
+                for param in query_side:   # so no weight decay either; it enters the full stage as initialised (ReCon++)
+                    param.grad = None
             optimizer.step()
             optimizer.zero_grad(set_to_none=graphed is None)  # a graph keeps its gradient buffers
             step += 1
@@ -277,8 +302,10 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
                   **{("loss" if k == "loss" else f"loss_{k}"): sums[k] / max(seen, 1) for k in sums},
                   "samples_per_s": seen * d.world / elapsed, "data_s": t_data, "epoch_s": elapsed}
+        if p.rec_epochs > 0:
+            record["stage"] = stage
         t = time.perf_counter()
-        last = epoch + 1 == p.epochs or (p.max_steps is not None and step >= p.max_steps)
+        last = epoch + 1 == total_epochs or (p.max_steps is not None and step >= p.max_steps)
         monitoring = monitor is not None and ((epoch + 1) % max(p.monitor_every, 1) == 0 or last)
         if calibration is not None:  # eval-mode statistics that match the weights (train mode ignores them);
             # the projection norms need a full encoder pass: only where something evaluates them
@@ -295,7 +322,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
                 "run": run_identity(p, stores), "target_stats": stats.state() if stats else None,
                 "config": trainstate.jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
             trainstate.write_history(out, history)
-            log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+            log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                               for k, v in record.items() if k != "epoch"))
         d.barrier()
         if p.max_steps is not None and step >= p.max_steps:
             break
