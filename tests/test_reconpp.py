@@ -1,6 +1,6 @@
 """ReCon++ (docs/reconpp.md): K image queries matched to a shape's V cached views, the
-reconstruction-only first stage, and K through fine-tuning, zero-shot, checkpoints and the ONNX
-export."""
+reconstruction-only first stage, the encoder blocks from a timm ViT, and K through fine-tuning,
+zero-shot, checkpoints and the ONNX export."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from recon.downstream.export import check_onnx, export_onnx
 from recon.downstream.recipes import FinetuneParams
 from recon.network import losses as L
 from recon.network.model import ReConClassifier, ReConConfig, ReConPretrain, head_input, svm_input
-from recon.network.reference import config_from_state_dict
+from recon.network.reference import config_from_state_dict, init_from_vit
 from recon.pretraining import trainer
 from recon.pretraining.data import PretrainDataset, open_pretrain_stores
 from recon.pretraining.trainer import PretrainParams, train
@@ -271,3 +271,62 @@ def test_a_reconstruction_stage_needs_the_reconstruction_target(tmp_path):
         train(tiny(rec_epochs=1, targets=["img", "text"]), write_synthetic_cache(tmp_path / "c"), tmp_path / "r",
               log=lambda *_: None)
 
+
+# ----------------------------------------------------------------------------- ViT initialisation
+
+
+def timm_vit(path, embed_dim: int = 48, depth: int = 2, heads: int = 3, **kw):
+    import timm
+
+    torch.manual_seed(4)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=embed_dim, depth=depth,
+                            num_heads=heads, num_classes=0, **kw)
+    torch.save(vit.state_dict(), path)
+    return vit.state_dict()
+
+
+def test_init_from_a_timm_vit_copies_its_blocks_into_both_branches(tmp_path):
+    vit = timm_vit(tmp_path / "vit.pt")
+    model = pretrain_model(k=2, qkv_bias=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = init_from_vit(model, tmp_path / "vit.pt")
+    ours = model.state_dict()
+    C = 48
+    for i in range(2):
+        src, dst = f"blocks.{i}.", f"encoder.blocks.{i}."
+        for p in ("weight", "bias"):
+            for theirs, mine in (("norm1", "patch_norm1"), ("norm1", "query_norm1"), ("norm2", "patch_norm2"),
+                                 ("norm2", "query_norm2"), ("attn.qkv", "patch_attn.qkv"),
+                                 ("attn.proj", "patch_attn.proj"), ("attn.proj", "query_attn.proj"),
+                                 ("mlp.fc1", "patch_mlp.fc1"), ("mlp.fc1", "query_mlp.fc1"),
+                                 ("mlp.fc2", "patch_mlp.fc2"), ("mlp.fc2", "query_mlp.fc2")):
+                assert torch.equal(ours[f"{dst}{mine}.{p}"], vit[f"{src}{theirs}.{p}"]), (i, mine, p)
+            assert torch.equal(ours[f"{dst}query_attn.q.{p}"], vit[f"{src}attn.qkv.{p}"][:C])
+            assert torch.equal(ours[f"{dst}query_attn.kv.{p}"], vit[f"{src}attn.qkv.{p}"][C:])
+    assert set(names) == {k for k in ours if k.startswith("encoder.blocks.")}   # every block parameter
+    assert all(torch.equal(before[k], ours[k]) for k in ours if k not in names)   # nothing else moves
+
+
+@pytest.mark.parametrize("vit_kw,model_kw,message", [
+    (dict(depth=3), dict(qkv_bias=True), "the ViT has 3 blocks, the encoder 2"),
+    (dict(embed_dim=96), dict(qkv_bias=True), "the ViT is 96 wide, the encoder 48"),
+    (dict(), dict(qkv_bias=False), "set model.qkv_bias: true"),
+    (dict(init_values=1e-5), dict(qkv_bias=True), "LayerScale"),
+    (dict(mlp_ratio=2.0), dict(qkv_bias=True), "set model.mlp_ratio: 2")])
+def test_a_vit_that_does_not_fit_is_a_clear_error(tmp_path, vit_kw, model_kw, message):
+    timm_vit(tmp_path / "vit.pt", **vit_kw)
+    with pytest.raises(ValueError, match=message):
+        init_from_vit(pretrain_model(**model_kw), tmp_path / "vit.pt")
+
+
+def test_the_trainer_starts_from_the_vit_and_records_the_file(tmp_path):
+    vit = timm_vit(tmp_path / "vit.pt")
+    cache = write_synthetic_cache(tmp_path / "cache")
+    p = tiny(model={**TINY, "qkv_bias": True}, init_vit=str(tmp_path / "vit.pt"), epochs=1, max_steps=1,
+             lr=1e-9, warmup_lr=1e-9, min_lr=1e-9)
+    result = train(p, cache, tmp_path / "run", log=lambda *_: None)
+    ours = result["model"].state_dict()
+    torch.testing.assert_close(ours["encoder.blocks.1.query_attn.kv.weight"], vit["blocks.1.attn.qkv.weight"][48:],
+                               rtol=0, atol=1e-7)
+    run = trainstate.load(trainstate.latest(tmp_path / "run" / "checkpoints"))["run"]
+    assert len(run["init_vit_sha256"]) == 64

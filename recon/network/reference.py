@@ -4,6 +4,9 @@ Reference pretraining keys look like ``MAE_encoder.blocks.blocks.0.attn_contrast
 ``MAE_decoder.*``, ``increase_dim.0.*``, ``img_proj.*``, ``mask_token``; fine-tuning keys
 drop ``MAE_encoder.`` and add ``cls_head_finetune.*``. Saved checkpoints may carry a
 leading ``module.`` (DataParallel), which is stripped.
+
+Also ReCon++'s initialisation of the encoder blocks from a timm ViT (:func:`init_from_vit`):
+``blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`` onto both branches of our block i.
 """
 from __future__ import annotations
 
@@ -225,3 +228,93 @@ def convert_reference_checkpoint(src: str | PathLike, dst: str | PathLike,
 
     save_atomic(Path(dst), {"model": ours, "config": config, "source": str(src)})
     return config
+
+
+# ----------------------------------------------------------------------------- timm ViT blocks
+
+#: a timm ViT block's modules -> ours, patch branch and query branch. ReCon++ loads the ViT's blocks
+#: into both (ReConV2/models/transformer.py, ``ReConBlocks.load_pretrained_timm_weights``); the query
+#: branch's cross attention takes the first third of ``attn.qkv`` as ``q`` and the rest as ``kv``.
+VIT_BLOCK: dict[str, tuple[str, ...]] = {
+    "norm1": ("patch_norm1", "query_norm1"), "attn.proj": ("patch_attn.proj", "query_attn.proj"),
+    "norm2": ("patch_norm2", "query_norm2"), "mlp.fc1": ("patch_mlp.fc1", "query_mlp.fc1"),
+    "mlp.fc2": ("patch_mlp.fc2", "query_mlp.fc2")}
+
+
+def load_vit_state(path: str | PathLike) -> dict[str, Tensor]:
+    """A timm ViT's state dict from a local file: ``.safetensors`` (the hub's format), or a
+    ``torch.save`` of ``model.state_dict()`` (possibly under ``model`` / ``state_dict``), loaded with
+    ``weights_only=True``; a leading ``module.`` is stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_vit: {path} is not a file (a timm ViT state dict: .safetensors or torch.save)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return strip_prefix(load_file(str(path)))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+    return strip_prefix(sd)
+
+
+def vit_block_state(vit: Mapping[str, Tensor], cfg) -> dict[str, Tensor]:
+    """Our ``encoder.blocks.*`` tensors (names of :class:`recon.network.model.ReConBlock`) from a timm
+    ViT's ``blocks.*`` (its patch embedding, tokens, positions, final norm and head are not used).
+    ``cfg`` is the encoder's ReConConfig. Raises ValueError naming what differs: depth, width, MLP
+    width, qkv biases, or block parameters ours lack (LayerScale, qk-norm). Head counts are not in
+    the weights: ``cfg.num_heads`` must be the ViT's (ViT-Ti 192/3 = our ``tiny``, ViT-S 384/6 = ``base``)."""
+    if cfg.architecture != "recon":
+        raise ValueError(f"init_vit maps onto ReCon's two-branch blocks, not architecture {cfg.architecture!r}")
+    blocks = sorted({int(k.split(".")[1]) for k in vit if k.startswith("blocks.")})
+    if not blocks:
+        raise ValueError("init_vit: no 'blocks.<i>.' keys: not a timm VisionTransformer state dict")
+    if blocks != list(range(cfg.depth)):
+        raise ValueError(f"init_vit: the ViT has {len(blocks)} blocks, the encoder {cfg.depth} (set model.depth)")
+    has_bias = "blocks.0.attn.qkv.bias" in vit
+    if has_bias != cfg.qkv_bias:
+        raise ValueError(f"init_vit: the ViT's attn.qkv {'has' if has_bias else 'has no'} bias, the encoder's "
+                         f"{'has' if cfg.qkv_bias else 'has none'} (set model.qkv_bias: {str(has_bias).lower()})")
+    needed = {f"{m}.{p}" for m in (*VIT_BLOCK, "attn.qkv") for p in ("weight", "bias")} - (
+        set() if has_bias else {"attn.qkv.bias"})
+    for i in blocks:
+        present = {k[len(f"blocks.{i}."):] for k in vit if k.startswith(f"blocks.{i}.")}
+        if present != needed:
+            raise ValueError(f"init_vit: block {i} has parameters ours lack {sorted(present - needed)} "
+                             f"and lacks {sorted(needed - present)} (LayerScale or qk-norm ViTs do not map)")
+    width = int(vit["blocks.0.norm1.weight"].shape[0])
+    if width != cfg.trans_dim:
+        raise ValueError(f"init_vit: the ViT is {width} wide, the encoder {cfg.trans_dim} (ViT-Ti 192 = variant tiny, "
+                         f"ViT-S 384 = base; or set model.trans_dim and num_heads)")
+    hidden = int(vit["blocks.0.mlp.fc1.weight"].shape[0])
+    if hidden != int(width * cfg.mlp_ratio):
+        raise ValueError(f"init_vit: the ViT's MLP is {hidden} wide, the encoder's {int(width * cfg.mlp_ratio)} "
+                         f"(set model.mlp_ratio: {hidden / width:g})")
+    out: dict[str, Tensor] = {}
+    for i in blocks:
+        src, dst = f"blocks.{i}.", f"encoder.blocks.{i}."
+        for module, ours in VIT_BLOCK.items():
+            for p in ("weight", "bias"):
+                out.update({f"{dst}{o}.{p}": vit[f"{src}{module}.{p}"] for o in ours})
+        for p in ("weight", "bias") if has_bias else ("weight",):
+            qkv = vit[f"{src}attn.qkv.{p}"]
+            out.update({f"{dst}patch_attn.qkv.{p}": qkv, f"{dst}query_attn.q.{p}": qkv[:width],
+                        f"{dst}query_attn.kv.{p}": qkv[width:]})
+    return out
+
+
+def init_from_vit(model: nn.Module, vit: Mapping[str, Tensor] | str | PathLike) -> list[str]:
+    """Copy a timm ViT's blocks (a state dict or a file, :func:`load_vit_state`) into ``model``'s encoder
+    blocks (a ReConPretrain or ReConClassifier: ``.cfg`` and ``.encoder``), both branches, as ReCon++
+    does; everything else keeps its initialisation. Returns our parameter names that were set."""
+    vit = load_vit_state(vit) if not isinstance(vit, Mapping) else strip_prefix(vit)
+    state = vit_block_state(vit, model.cfg)
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"init_vit: the ViT's tensors do not fit {bad[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    return sorted(state)

@@ -5,16 +5,18 @@ at ``query_lr_scale`` × lr), warm-up + cosine schedule per epoch (the reference
 gradient accumulation up to the global batch, bf16 autocast on CUDA, optional torch.compile and/or
 CUDA-graph replay of forward + backward (one GPU), DDP under torchrun, an atomic checkpoint every
 epoch, exact resume, a non-finite-loss guard. ReCon++ options (docs/reconpp.md): K image queries
-matched to all V cached views (``model.img_queries``, ``match``) and a reconstruction-only first
-stage (``rec_epochs``). Targets can be standardised with train-split statistics (``target_norm:
-store``, recon/pretraining/targets.py); every epoch, recon/pretraining/monitor.py measures the losses
-on fixed train and test shapes against their mean-target baselines and probes the features against
-the same network at random init, both under every BatchNorm treatment (history.csv).
+matched to all V cached views (``model.img_queries``, ``match``), a reconstruction-only first stage
+(``rec_epochs``) and the encoder blocks initialised from a timm ViT (``init_vit``). Targets can be
+standardised with train-split statistics (``target_norm: store``, recon/pretraining/targets.py); every
+epoch, recon/pretraining/monitor.py measures the losses on fixed train and test shapes against their
+mean-target baselines and probes the features against the same network at random init, both under
+every BatchNorm treatment (history.csv).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from recon.network.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
+from recon.network.reference import init_from_vit
 from recon.pretraining.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
 from recon.pretraining.monitor import PretrainMonitor
 from recon.pretraining.targets import TARGET_NORMS, compute_target_stats
@@ -74,6 +77,9 @@ class PretrainParams:
     #: does not move) before the ``epochs`` of the full objective; each stage has its own warm-up + cosine schedule
     #: and fresh AdamW moments; 0 = one stage
     rec_epochs: int = 0
+    #: a local timm ViT state dict (.safetensors or torch.save) whose blocks initialise both branches of the
+    #: encoder blocks, as ReCon++ does (same depth and width; model.qkv_bias: true for a ViT with qkv biases); "" = none
+    init_vit: str = ""
     stop_grad: bool = True         # the queries read the patch tokens detached (the reference; architecture recon only)
     #: recon (the reference) | multitask: one plain Transformer, patch rows reconstruct, queries distil (Table 9)
     #: | two_tower: a Point-MAE reconstruction Transformer + a separate contrastive one, features concatenated
@@ -192,7 +198,10 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     if d.is_main:
         log(f"pretrain: {len(dataset)} shapes, micro-batches of {micro} built by "
             f"{workers or 'no'} loader worker{'s' if workers != 1 else ''} per process")
-    model = ReConPretrain(cfg).to(d.device)
+    model = ReConPretrain(cfg)
+    if p.init_vit:   # before the move: the copy is on the CPU; a resumed run's checkpoint overrides it
+        init_from_vit(model, p.init_vit)
+    model = model.to(d.device)
     stats = None
     if p.target_norm == "store":  # train-split statistics of the cached targets, computed once
         stats = compute_target_stats(stores.image, stores.text, stores.category_index,
@@ -210,7 +219,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     optimizer = adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
-    state = trainstate.resume(ckpt_dir, run_identity(p, stores), d, log, "pretrain")
+    identity = run_identity(p, stores)   # once: with init_vit it hashes the ViT file
+    state = trainstate.resume(ckpt_dir, identity, d, log, "pretrain")
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -319,7 +329,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
             trainstate.save(ckpt_dir, epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "step": step, "rng": trainstate.rng_state(), "params": trainstate.jsonable(p),
-                "run": run_identity(p, stores), "target_stats": stats.state() if stats else None,
+                "run": identity, "target_stats": stats.state() if stats else None,
                 "config": trainstate.jsonable(model.cfg), "history": json.dumps(history)}, p.keep_last)
             trainstate.write_history(out, history)
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
@@ -351,4 +361,7 @@ def run_identity(p: PretrainParams, stores) -> dict:
     """What a resumed run must share with the checkpoint: params (less runtime-only knobs), the
     params of the stores it trains on, and the training code."""
     params = {k: v for k, v in trainstate.jsonable(p).items() if k not in RUNTIME_ONLY}
-    return {"params": params, "stores": stores.fingerprint, "code": trainstate.code_fingerprint(*TRAINING_CODE)}
+    identity = {"params": params, "stores": stores.fingerprint, "code": trainstate.code_fingerprint(*TRAINING_CODE)}
+    if p.init_vit:   # the ViT file's content, not just its path
+        identity["init_vit_sha256"] = hashlib.sha256(Path(p.init_vit).read_bytes()).hexdigest()
+    return identity
