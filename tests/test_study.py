@@ -237,3 +237,62 @@ def test_a_preset_picks_its_arms_and_unknown_names_are_refused():
         study_arms(StudyParams(preset="table7"))
     with pytest.raises(ValueError, match="unknown arm"):
         study_arms(StudyParams(arms=["three_tower"]))
+
+
+# ----------------------------------------------------------------------------- data scaling (Fig. 1(a))
+
+
+def test_the_data_subset_is_stratified_seeded_and_nested():
+    """``data_fraction``'s rule: per category max(1, round(fraction · n)) shapes, a pure function of (ids,
+    categories, fraction, seed) whatever the row order, nested across fractions, every shape at 1."""
+    from recon.pretraining.data import fraction_positions
+
+    sizes = {"chair": 100, "lamp": 37, "mug": 3}
+    ids = [f"{c}-{i:03d}" for c, n in sizes.items() for i in range(n)]
+    cats = [i.split("-")[0] for i in ids]
+
+    def chosen(fraction, seed, order=None):
+        order = np.arange(len(ids)) if order is None else order
+        return {ids[order[k]] for k in fraction_positions([ids[k] for k in order], [cats[k] for k in order],
+                                                          fraction, seed)}
+
+    for fraction, expected in ((0.01, {"chair": 1, "lamp": 1, "mug": 1}), (0.1, {"chair": 10, "lamp": 4, "mug": 1}),
+                               (0.25, {"chair": 25, "lamp": 9, "mug": 1}), (0.5, {"chair": 50, "lamp": 19, "mug": 2})):
+        got = chosen(fraction, 0)
+        assert {c: sum(i.startswith(c + "-") for i in got) for c in sizes} == expected, fraction   # ∝ fraction, ≥ 1
+    assert chosen(1.0, 3) == set(ids)
+    assert chosen(0.25, 0) == chosen(0.25, 0, np.random.default_rng(5).permutation(len(ids)))   # row order: no matter
+    assert chosen(0.25, 0) != chosen(0.25, 1)                                                   # the seed: does
+    for seed in (0, 1, 2):
+        subsets = [chosen(f, seed) for f in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)]
+        assert all(a <= b for a, b in zip(subsets, subsets[1:])), seed                       # nested
+    positions = fraction_positions(ids, cats, 0.5, 0)
+    assert list(positions) == sorted(positions) and len(set(positions)) == len(positions)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan")])
+def test_an_invalid_fraction_is_a_clear_error(fraction, tmp_path):
+    from recon.pretraining.data import fraction_positions
+    from recon.pretraining.trainer import PretrainParams, train
+
+    with pytest.raises(ValueError, match=r"data_fraction must be in \(0, 1\]"):
+        fraction_positions(["a-0"], ["a"], fraction, 0)
+    cache = write_demo_like_cache(tmp_path / "cache", n_per_class=3, n_points=64, image_dim=8, text_dim=8)
+    with pytest.raises(ValueError, match=r"data_fraction must be in \(0, 1\]"):
+        train(PretrainParams(data_fraction=fraction, device="cpu", split="train"), cache, tmp_path / "run",
+              log=lambda *_: None)
+
+
+def test_fraction_one_is_the_stores_untouched(tmp_path):
+    from recon.pretraining.data import fraction_of_stores, open_pretrain_stores
+
+    cache = write_demo_like_cache(tmp_path / "cache", n_per_class=5, n_points=64, image_dim=8, text_dim=8)
+    stores = open_pretrain_stores(cache)
+    same, data = fraction_of_stores(stores, 1.0, 0)
+    assert same is stores
+    assert data == {"data_fraction": 1.0, "data_seed": 0, "shapes": 20, "of": 20,
+                    "per_category": dict.fromkeys(["ball", "disk", "rod", "shell"], 5)}
+    half, data = fraction_of_stores(stores, 0.5, 7)
+    assert data["shapes"] == len(half.rows) == 12 and set(data["per_category"].values()) == {3}   # round(2.5) = 3
+    assert set(half.rows) <= set(stores.rows) and half.points is stores.points
+
