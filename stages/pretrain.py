@@ -48,7 +48,8 @@ def run(p: PretrainParams, cache: Path | None = None, out: Path | None = None) -
     metrics = {k: v for k, v in history[-1].items() if k.startswith(("loss", "train_", "test_", "probe_"))
                or k == "samples_per_s"}
     metrics.update(epochs=len(history), split=p.split, test_shapes_held_out=p.split == "train",
-                   target_norm=p.target_norm, image_variants=p.image_variants, global_loss=p.global_loss)
+                   target_norm=p.target_norm, image_variants=p.image_variants, global_loss=p.global_loss,
+                   data=result["data"])   # the shapes pretrained on: data_fraction's subset (data scaling)
     if stats is not None:
         metrics["target_stats"] = stats.summary()
     if monitor is not None:

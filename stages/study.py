@@ -5,7 +5,8 @@ and of ModelNet40 files when given (``modelnet40_root``, converted once into the
 Every arm pretrains with the ``pretrain`` section of params.yaml (the demo's budget) plus
 ``study.pretrain``; ``quick`` shrinks everything to a smoke run (the tests use it). ``preset`` (table4 |
 table5 | table6 | table9 | table14) runs the arms of that paper table into ``<out>/<preset>``, its
-table.md with the paper's figures beside ours (docs/studies.md).
+table.md with the paper's figures beside ours (docs/studies.md). ``fractions`` (or the preset ``fig1a``) makes it
+a data-scaling study: every arm at every pretraining fraction and seed, scaling.{json,md,png} instead of the table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import layout
-from recon.downstream.study import StudyParams, run_study
+from recon.downstream.study import StudyParams, run_study, scaling_grid
 from recon.pretraining.trainer import PretrainParams
 from stages.common import StageError, cache_dir, console
 from stages.params import build_params
@@ -77,7 +78,9 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
             store = converted / f"modelnet40-{p.modelnet40_points}.zarr"
             convert_modelnet(p.modelnet40_root, store, p.modelnet40_points, fps=fps_indices, log=console.print)
             stores["modelnet40"] = str(store)
-    summary = run_study(study_params(p, stores), cache, out, log=console.print)
-    console.print(f"[green]study: done → {out / 'table.md'}, {out / 'probe_vs_epochs.png'}[/]")
-    console.print((out / "table.md").read_text())
+    sp = study_params(p, stores)
+    summary = run_study(sp, cache, out, log=console.print)
+    table, figure = ("scaling.md", "scaling.png") if scaling_grid(sp)[0] else ("table.md", "probe_vs_epochs.png")
+    console.print(f"[green]study: done → {out / table}, {out / figure}[/]")
+    console.print((out / table).read_text())
     return summary

@@ -394,6 +394,7 @@ def test_target_statistics_round_trip(tmp_path):
     from stages import pretrain as stage
     result = stage.run(tiny_params(epochs=1, target_norm="store", split="train"), cache, tmp_path / "p")
     assert result["target_norm"] == "store" and result["test_shapes_held_out"]
+    assert result["data"]["data_fraction"] == 1.0 and result["data"]["shapes"] == result["data"]["of"]   # all of them
     published = tmp_path / "metrics" / "p"             # every figure in details.json, the headline in metrics.json
     assert json.loads((published / "details.json").read_text()) == json.loads(json.dumps(result))
     assert json.loads((published / "metrics.json").read_text()) == stage.headline(result)

@@ -237,3 +237,180 @@ def test_a_preset_picks_its_arms_and_unknown_names_are_refused():
         study_arms(StudyParams(preset="table7"))
     with pytest.raises(ValueError, match="unknown arm"):
         study_arms(StudyParams(arms=["three_tower"]))
+
+
+# ----------------------------------------------------------------------------- data scaling (Fig. 1(a))
+
+
+def test_the_data_subset_is_stratified_seeded_and_nested():
+    """``data_fraction``'s rule: per category max(1, round(fraction · n)) shapes, a pure function of (ids,
+    categories, fraction, seed) whatever the row order, nested across fractions, every shape at 1."""
+    from recon.pretraining.data import fraction_positions
+
+    sizes = {"chair": 100, "lamp": 37, "mug": 3}
+    ids = [f"{c}-{i:03d}" for c, n in sizes.items() for i in range(n)]
+    cats = [i.split("-")[0] for i in ids]
+
+    def chosen(fraction, seed, order=None):
+        order = np.arange(len(ids)) if order is None else order
+        return {ids[order[k]] for k in fraction_positions([ids[k] for k in order], [cats[k] for k in order],
+                                                          fraction, seed)}
+
+    for fraction, expected in ((0.01, {"chair": 1, "lamp": 1, "mug": 1}), (0.1, {"chair": 10, "lamp": 4, "mug": 1}),
+                               (0.25, {"chair": 25, "lamp": 9, "mug": 1}), (0.5, {"chair": 50, "lamp": 19, "mug": 2})):
+        got = chosen(fraction, 0)
+        assert {c: sum(i.startswith(c + "-") for i in got) for c in sizes} == expected, fraction   # ∝ fraction, ≥ 1
+    assert chosen(1.0, 3) == set(ids)
+    assert chosen(0.25, 0) == chosen(0.25, 0, np.random.default_rng(5).permutation(len(ids)))   # row order: no matter
+    assert chosen(0.25, 0) != chosen(0.25, 1)                                                   # the seed: does
+    for seed in (0, 1, 2):
+        subsets = [chosen(f, seed) for f in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)]
+        assert all(a <= b for a, b in zip(subsets, subsets[1:])), seed                       # nested
+    positions = fraction_positions(ids, cats, 0.5, 0)
+    assert list(positions) == sorted(positions) and len(set(positions)) == len(positions)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan")])
+def test_an_invalid_fraction_is_a_clear_error(fraction, tmp_path):
+    from recon.downstream.study import StudyParams, scaling_grid
+    from recon.pretraining.data import fraction_positions
+    from recon.pretraining.trainer import PretrainParams, train
+
+    with pytest.raises(ValueError, match=r"data_fraction must be in \(0, 1\]"):
+        fraction_positions(["a-0"], ["a"], fraction, 0)
+    with pytest.raises(ValueError, match=r"data_fraction must be in \(0, 1\]"):
+        scaling_grid(StudyParams(fractions=[0.5, fraction]))          # before any cell runs
+    cache = write_demo_like_cache(tmp_path / "cache", n_per_class=3, n_points=64, image_dim=8, text_dim=8)
+    with pytest.raises(ValueError, match=r"data_fraction must be in \(0, 1\]"):
+        train(PretrainParams(data_fraction=fraction, device="cpu", split="train"), cache, tmp_path / "run",
+              log=lambda *_: None)
+
+
+def test_fraction_one_is_the_stores_untouched(tmp_path):
+    from recon.pretraining.data import fraction_of_stores, open_pretrain_stores
+
+    cache = write_demo_like_cache(tmp_path / "cache", n_per_class=5, n_points=64, image_dim=8, text_dim=8)
+    stores = open_pretrain_stores(cache)
+    same, data = fraction_of_stores(stores, 1.0, 0)
+    assert same is stores
+    assert data == {"data_fraction": 1.0, "data_seed": 0, "shapes": 20, "of": 20,
+                    "per_category": dict.fromkeys(["ball", "disk", "rod", "shell"], 5)}
+    half, data = fraction_of_stores(stores, 0.5, 7)
+    assert data["shapes"] == len(half.rows) == 12 and set(data["per_category"].values()) == {3}   # round(2.5) = 3
+    assert set(half.rows) <= set(stores.rows) and half.points is stores.points
+
+
+def test_the_fig1a_preset_and_the_grid():
+    from recon.downstream.study import ARMS, SCALING_PRESETS, StudyParams, scaling_grid, study_arms
+
+    p = StudyParams(preset="fig1a", arms=["rec_only"], fractions=[0.3])
+    assert study_arms(p) == ["random_init", "targets_rec", "cmc_only", "targets_all"]
+    assert scaling_grid(p) == ([0.01, 0.05, 0.1, 0.25, 0.5, 1.0], [0, 1, 2])
+    assert ARMS["cmc_only"]["architecture"] == "multitask" and "rec" not in ARMS["cmc_only"]["targets"]
+    assert scaling_grid(StudyParams()) == ([], [0])                             # no scaling by default
+    assert scaling_grid(StudyParams(fractions=[1, 0.1])) == ([0.1, 1.0], [0])
+    with pytest.raises(ValueError, match="repeated"):
+        scaling_grid(StudyParams(fractions=[0.1, 0.1]))
+    with pytest.raises(ValueError, match="at least one"):
+        scaling_grid(StudyParams(fractions=[0.1], fraction_seeds=[]))
+    assert set(SCALING_PRESETS) == {"fig1a"}
+
+
+def test_the_fig1a_note_is_the_papers(shared):
+    """The paper's Figure 1 is plots without numbers (PAPER_RESULTS.md): the preset prints its reading."""
+    from recon.downstream.study import PAPER_FIGURES
+
+    path = shared / "PAPER_RESULTS.md"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    section = path.read_text().split("## Figure 1")[1].split("\n## ")[0]
+    assert "no table" in section
+    flat = " ".join(section.split())
+    for phrase in ("representation over-fitting", "data filling", "ReCon is above all at every ratio"):
+        assert phrase in flat and phrase in PAPER_FIGURES["fig1a"]["reading"]
+
+
+@pytest.fixture(scope="module")
+def scaling_study(tmp_path_factory):
+    """`recon study --quick --set fractions=[0.5,1] --set fraction_seeds=[0,1]` with random init, ReCon and the
+    contrastive-only plain Transformer on a demo-like cache of its own (4 categories × 4 train shapes), then the
+    same study again."""
+    import os
+
+    from recon.downstream.study import run_study
+    from stages import study as stage
+
+    root = tmp_path_factory.mktemp("scaling")
+    cache = write_demo_like_cache(root / "cache", n_per_class=6, n_points=256)
+    store = convert_points(cache, root / "demo.zarr", 256, log=lambda *_: None, fps=fps_indices).path
+    (root / "params.yaml").write_text("pretrain:\n  split: train\n  target_norm: store\n  global_loss: cosine\n"
+                                      "  schedule: step\n  device: cpu\n")
+    os.environ["RECON_PARAMS"] = str(root / "params.yaml")
+    try:
+        p = stage.params({"out": str(root / "scaling"), "demo_store": str(store), "quick": True, "device": "cpu",
+                          "arms": ["random_init", "targets_all", "cmc_only"]},
+                         ["fractions=[0.5, 1]", "fraction_seeds=[0, 1]"])
+        summary = stage.run(p, cache)
+        logs: list[str] = []
+        again = run_study(stage.study_params(p, {"demo": str(store)}), cache, root / "scaling", log=logs.append)
+    finally:
+        del os.environ["RECON_PARAMS"]
+    return root, summary, again, logs
+
+
+def test_a_scaling_study_has_every_cell_with_the_rules_subsets(scaling_study):
+    import polars as pl
+
+    from recon.pretraining.data import fraction_positions
+
+    root, summary, _, _ = scaling_study
+    out = root / "scaling"
+    cells = {(c["arm"], c["fraction"], c["seed"]): c for c in summary["cells"]}
+    assert set(cells) == {("random_init", None, 0), ("random_init", None, 1)} | \
+        {(arm, f, s) for arm in ("targets_all", "cmc_only") for f in (0.5, 1.0) for s in (0, 1)}
+    shapes = pl.read_parquet(root / "cache" / "shapes.parquet").filter(pl.col("split") == "train")
+    for (arm, fraction, seed), c in cells.items():
+        assert set(c["stores"]["demo"]) == {"knn", "svm", "svm_std"}                    # probes only (no fine-tune)
+        record = json.loads((out / arm / (f"fraction-{fraction:g}/" if fraction else "") / f"seed-{seed}" /
+                             "result.json").read_text())
+        assert record["params"]["seed"] == seed
+        if arm == "random_init":
+            assert "shapes" not in c and record["history"] == []
+            continue
+        kept = fraction_positions(shapes["id"].to_list(), shapes["category"].to_list(), fraction, seed)
+        assert c["shapes"] == len(kept) == {0.5: 8, 1.0: 16}[fraction] and c["of"] == 16     # 4 categories × 4
+        assert c["per_category"] == dict.fromkeys(["ball", "disk", "rod", "shell"], c["shapes"] // 4)
+        assert record["params"]["data_fraction"] == fraction
+        assert record["history"][-1]["step"] == 2 * c["shapes"] // 8                      # 2 epochs of batch 8
+    assert summary["shapes"] == {"0.5": 8, "1": 16}
+    assert (out / "targets_all" / "fraction-0.5" / "seed-1" / "pretrain" / "checkpoints").is_dir()   # a run per cell
+
+
+def test_a_scaling_study_plots_mean_and_spread_per_arm(scaling_study):
+    from recon.downstream.study import LABELS
+
+    root, summary, _, _ = scaling_study
+    png = (root / "scaling" / "scaling.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert summary["plot"] == {f"demo/{m}": [LABELS["targets_all"], LABELS["cmc_only"], "random init (± std)"]
+                               for m in ("knn", "svm", "svm_std")}                    # one line per arm + the band
+    assert json.loads((root / "scaling" / "scaling.json").read_text()) == json.loads(json.dumps(summary))
+    for metric in ("knn", "svm", "svm_std"):
+        line = summary["series"]["demo"][metric]["targets_all"]
+        assert line["fractions"] == [0.5, 1.0]
+        for k, fraction in enumerate(line["fractions"]):
+            values = [c["stores"]["demo"][metric] for c in summary["cells"]
+                      if c["arm"] == "targets_all" and c["fraction"] == fraction]
+            assert line["values"][k] == values and len(values) == 2
+            assert line["mean"][k] == pytest.approx(np.mean(values)) and line["std"][k] == pytest.approx(np.std(values))
+        base = summary["random_init"]["demo"][metric]
+        assert base["values"] == [c["stores"]["demo"][metric] for c in summary["cells"] if c["arm"] == "random_init"]
+    table = (root / "scaling" / "scaling.md").read_text().split("\n\n")[0].splitlines()
+    assert table[0] == "| store | figure | arm | 50 % | 100 % |" and table[2] == "| | | pretraining shapes | 8 | 16 |"
+    assert len(table) == 3 + 3 * 3                                                     # 3 probes × 3 arms
+
+
+def test_a_scaling_study_reuses_its_cells(scaling_study):
+    _, summary, again, logs = scaling_study
+    assert sum("reusing" in line for line in logs) == 10
+    assert again == json.loads(json.dumps(summary))

@@ -23,11 +23,19 @@ and its parameter counts (the encoder that probes and fine-tuning use, the whole
 Results go to ``results.json``, ``table.md`` and ``probe_vs_epochs.png``; an arm's finished results are
 reused when the study is run again with the same settings (the list of arms and the preset are not
 part of them: adding an arm, or rerunning an interrupted preset, recomputes only what is missing).
+
+Data scaling (the paper's Fig. 1(a); ``fractions``, or ``recon study --preset fig1a``): every pretrained arm
+pretrains on each fraction of the pretraining shapes (``PretrainParams.data_fraction``: stratified, seeded,
+nested) with each of ``fraction_seeds`` (the subset, the initialisation and the probes' seed), random init once
+per seed (it does not depend on the fraction); every cell is probed frozen (k-NN, SVM; fine-tuned too with
+``scaling_finetune``) and reused like an arm. Results go to ``scaling.json``, ``scaling.md`` and ``scaling.png``
+(accuracy against fraction, mean ± std over seeds per arm, random init as a band).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +50,7 @@ from recon.downstream.finetune import finetune
 from recon.downstream.recipes import FinetuneParams
 from recon.downstream.weights import InitSource
 from recon.network.model import ReConPretrain, head_input, svm_input
-from recon.pretraining.data import open_pretrain_stores
+from recon.pretraining.data import check_fraction, open_pretrain_stores
 from recon.pretraining.probes import (
     BN_TREATMENTS,
     batched,
@@ -137,6 +145,25 @@ PAPER: dict[str, dict] = {
                 "columns": ["ScanObjectNN PB_T50_RS", "ModelNet40", "ModelNet40 zero-shot (train+test)"],
                 "arms": {"images_paired": ["90.63", "94.5", "66.8"], "images_unpaired": ["90.22", "93.8", "60.4"]}},
 }
+#: data-scaling presets (``recon study --preset fig1a``): the arms, pretraining fractions and seeds of one of the
+#: paper's scaling figures. Fig. 1(a) compares generative (masked point modelling: ``targets_rec``), contrastive
+#: and ReCon pretraining; its contrastive curve is a plain Transformer trained by cross-modal distillation alone,
+#: ``cmc_only`` (``distill_only`` would keep ReCon's stop-gradient with no reconstruction: its patch tokens would
+#: get no gradient at all and stay at initialisation, not a contrastive model).
+SCALING_PRESETS: dict[str, dict] = {
+    "fig1a": {"arms": ["random_init", "targets_rec", "cmc_only", "targets_all"],
+              "fractions": [0.01, 0.05, 0.1, 0.25, 0.5, 1.0], "fraction_seeds": [0, 1, 2]},
+}
+#: the paper's own reading of a scaling figure (PAPER_RESULTS.md: "plots, no table"): printed beside ours
+PAPER_FIGURES: dict[str, dict] = {
+    "fig1a": {"source": "Figure 1(a) (data efficiency: ScanObjectNN PB_T50_RS fine-tuning accuracy against the "
+                        "fraction of ShapeNet used for pretraining, 1 % to 100 %; a plot, no table of numbers)",
+              "reading": "contrastive models over-fit at low data (\"representation over-fitting\") but scale better; "
+                         "generative models improve little with more data (\"data filling\"); vanilla multi-task lands "
+                         "below the generative baseline; ReCon is above all at every ratio."},
+}
+#: the study settings that pick the grid of cells, not what one cell computes (never part of a result's identity)
+GRID_KEYS = ("arms", "preset", "fractions", "fraction_seeds")
 #: the files whose source decides an arm's result: this module's import closure (a finished arm
 #: is reused only while they are unchanged)
 STUDY_CODE = codedeps.closure(__name__)
@@ -149,8 +176,13 @@ class StudyParams:
     arms: list[str] = field(default_factory=lambda: ["random_init", "rec_only", "distill_only", "recon_raw",
                                                      "recon_std"])
     #: table4 | table5 | table6 | table9 | table14: the arms of that paper table (instead of arms), and the
-    #: paper's own figures beside ours in table.md; null: arms as given
+    #: paper's own figures beside ours in table.md; fig1a: data scaling (its arms, fractions and seeds); null: arms
     preset: str | None = None
+    #: data scaling (Fig. 1(a)): pretraining fractions in (0, 1] every arm runs at, with every fraction seed
+    #: (scaling.json/.md/.png instead of the ablation table); []: no scaling
+    fractions: list[float] = field(default_factory=list)
+    fraction_seeds: list[int] = field(default_factory=lambda: [0])   # each (arm, fraction)'s seeds: subset, init, probes
+    scaling_finetune: bool = False                    # scaling cells fine-tune too (finetune_seeds); else probes only
     pretrain: dict = field(default_factory=dict)      # PretrainParams shared by every arm (equal budgets)
     stores: dict = field(default_factory=dict)        # name -> classification store (held-out = its test split)
     knn_k: int = 5                                    # neighbours of the k-NN probe
@@ -170,9 +202,10 @@ class StudyParams:
 
 def study_arms(p: StudyParams) -> list[str]:
     """The arms the study runs: its preset's (:data:`PRESETS`), or ``p.arms``; refuses unknown names."""
-    if p.preset is not None and p.preset not in PRESETS:
-        raise ValueError(f"unknown preset {p.preset!r}; choose from {list(PRESETS)}")
-    arms = PRESETS[p.preset] if p.preset else p.arms
+    if p.preset is not None and p.preset not in PRESETS and p.preset not in SCALING_PRESETS:
+        raise ValueError(f"unknown preset {p.preset!r}; choose from {list(PRESETS) + list(SCALING_PRESETS)}")
+    arms = (SCALING_PRESETS[p.preset]["arms"] if p.preset in SCALING_PRESETS else PRESETS[p.preset]) if p.preset \
+        else p.arms
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
@@ -195,16 +228,23 @@ def parameter_counts(model: ReConPretrain) -> dict[str, Any]:
 
 def encoder_for(p: StudyParams, arm: str, cache: Path, out: Path, log=print) -> tuple[ReConPretrain, list[dict]]:
     """The arm's encoder (pretrained, or its random init) and its pretraining history."""
+    model, history, _ = arm_encoder(p, arm, cache, out, log)
+    return model, history
+
+
+def arm_encoder(p: StudyParams, arm: str, cache: Path, out: Path,
+                log=print) -> tuple[ReConPretrain, list[dict], dict | None]:
+    """:func:`encoder_for`, and the shapes it pretrained on (the trainer's ``data``; None at random init)."""
     pp = arm_params(p, arm)
     if ARMS[arm] is not None:
         result = train(pp, cache, out / "pretrain", log=log)
-        return result["model"].eval(), result["history"]
+        return result["model"].eval(), result["history"], result["data"]
     # random init: exactly the starting point of every pretrained arm (same seed, same config), its BatchNorm
     # statistics as initialised; the frozen probes measure it under every treatment (evaluate_arm)
     stores = open_pretrain_stores(cache, "img" in pp.targets, "text" in pp.targets)
     torch.manual_seed(pp.seed)
     model = build_model(pp, stores.image_dim, stores.text_dim)
-    return model.eval(), []
+    return model.eval(), [], None
 
 
 @torch.no_grad()
@@ -259,7 +299,9 @@ def mean_std(values: list[float]) -> dict[str, Any]:
 
 
 def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str, tuple[ClsData, ClsData]],
-                 log=print) -> dict[str, Any]:
+                 log=print, finetuned: bool = True, fewshot: bool = True) -> dict[str, Any]:
+    """The frozen probes under every BatchNorm treatment, then (unless switched off) the fine-tunes over
+    ``finetune_seeds`` and the few-shot episodes, per store."""
     from recon.runtime.distributed import pick_device
 
     device = pick_device(p.device)
@@ -270,30 +312,35 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
         treated = frozen_probes(model, train_set, test_set, pp.n_points, p.knn_k, p.seed, device, p.bn_treatments,
                                 p.bn_recalibrate)
         r = {**treated["saved"], "bn_treatments": treated}     # the arm's figures: its statistics as saved
-        ft = FinetuneParams(**{"device": p.device, **p.finetune})
-        accs = [finetune(ft, train_set, test_set, seed, init=init, log=lambda *_: None).metrics["test_acc"]
-                for seed in p.finetune_seeds]
-        r["finetune"] = mean_std(accs)
-        fs = FinetuneParams(**{"device": p.device, **p.fewshot_finetune})
-        settings = FewshotSettings(**{**p.fewshot, "seed": p.fewshot.get("seed", p.seed)})   # fewshot.seed wins
-        try:
-            r["fewshot"] = fewshot_eval(train_set, test_set, settings, fs, init, log=lambda *_: None)
-        except ValueError as err:   # too few shapes per class for the episode
-            r["fewshot"] = {"skipped": str(err)}
-        log(f"study {arm} on {name}: k-NN {r['knn']:.1f}, SVM {r['svm']:.1f} / {r['svm_std']:.1f} standardised, "
-            f"fine-tune {r['finetune']['mean']:.1f} ± {r['finetune']['std']:.1f}")
+        if finetuned:
+            ft = FinetuneParams(**{"device": p.device, **p.finetune})
+            accs = [finetune(ft, train_set, test_set, seed, init=init, log=lambda *_: None).metrics["test_acc"]
+                    for seed in p.finetune_seeds]
+            r["finetune"] = mean_std(accs)
+        if fewshot:
+            fs = FinetuneParams(**{"device": p.device, **p.fewshot_finetune})
+            settings = FewshotSettings(**{**p.fewshot, "seed": p.fewshot.get("seed", p.seed)})   # fewshot.seed wins
+            try:
+                r["fewshot"] = fewshot_eval(train_set, test_set, settings, fs, init, log=lambda *_: None)
+            except ValueError as err:   # too few shapes per class for the episode
+                r["fewshot"] = {"skipped": str(err)}
+        log(f"study {arm} on {name}: k-NN {r['knn']:.1f}, SVM {r['svm']:.1f} / {r['svm_std']:.1f} standardised"
+            + (f", fine-tune {r['finetune']['mean']:.1f} ± {r['finetune']['std']:.1f}" if finetuned else ""))
         result[name] = r
     return result
 
 
 def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, Any]:
     """Every arm: pretrain (or not), evaluate on every store; write results, table and plot."""
+    arms = study_arms(p)
+    fractions, seeds = scaling_grid(p)
     out.mkdir(parents=True, exist_ok=True)
     data = {name: (load_classification(path, "train"), load_classification(path, "test"))
             for name, path in p.stores.items()}
-    arms = study_arms(p)
+    if fractions:
+        return run_scaling(p, arms, fractions, seeds, data, cache, out, log)
     # what decides one arm's figures: everything but the list of arms (and the preset that chose them)
-    settings = {k: v for k, v in trainstate.jsonable(p).items() if k not in ("arms", "preset")}
+    settings = {k: v for k, v in trainstate.jsonable(p).items() if k not in (*GRID_KEYS, "scaling_finetune")}
     identity = {"study": settings, "code": trainstate.code_fingerprint(*STUDY_CODE)}
     results: dict[str, Any] = {}
     for arm in arms:
@@ -416,3 +463,183 @@ def plot(summary: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- data scaling (Fig. 1(a))
+
+
+def scaling_grid(p: StudyParams) -> tuple[list[float], list[int]]:
+    """The data-scaling grid: (fractions, seeds) of a scaling preset (:data:`SCALING_PRESETS`) or of
+    ``p.fractions`` / ``p.fraction_seeds``; ([], ...) when the study is no scaling study. Refuses a
+    fraction outside (0, 1], repeated fractions or seeds, and a scaling study without seeds."""
+    grid = SCALING_PRESETS.get(p.preset or "", {"fractions": p.fractions, "fraction_seeds": p.fraction_seeds})
+    fractions = [check_fraction(f) for f in grid["fractions"]]
+    seeds = [int(s) for s in grid["fraction_seeds"]]
+    if len(set(fractions)) != len(fractions) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"repeated fractions or fraction_seeds: {fractions}, {seeds}")
+    if fractions and not seeds:
+        raise ValueError("a scaling study (fractions) needs at least one of fraction_seeds")
+    return sorted(fractions), seeds
+
+
+def cell_params(p: StudyParams, arm: str, fraction: float, seed: int) -> StudyParams:
+    """The study's settings for one cell: ``seed`` everywhere (pretraining and its subset unless
+    ``pretrain.data_seed`` pins it, the probes), the arm pretrains on ``fraction`` of its shapes (the
+    random-init arm, which pretrains on nothing, at 1: one cell per seed whatever the fractions)."""
+    pretrain = {**p.pretrain, "seed": seed, "data_fraction": 1.0 if ARMS[arm] is None else fraction}
+    return dataclasses.replace(p, seed=seed, pretrain=pretrain, arms=[arm], preset=None, fractions=[fraction],
+                               fraction_seeds=[seed])
+
+
+def cell_dir(out: Path, arm: str, fraction: float, seed: int) -> Path:
+    """A cell's folder: ``<arm>/fraction-<f>/seed-<s>`` (random init: ``random_init/seed-<s>``)."""
+    return out / arm / f"seed-{seed}" if ARMS[arm] is None else out / arm / f"fraction-{fraction:g}" / f"seed-{seed}"
+
+
+def run_scaling(p: StudyParams, arms: list[str], fractions: list[float], seeds: list[int],
+                data: dict[str, tuple[ClsData, ClsData]], cache: Path, out: Path, log=print) -> dict[str, Any]:
+    """Every (arm, fraction, seed) cell (random init: every seed, once): pretrain on the fraction, probe
+    frozen (and fine-tune with ``scaling_finetune``); a finished cell is reused while its identity (the
+    cell's settings: fraction and seed included, the study's code) is unchanged. Writes scaling.json,
+    scaling.md and scaling.png."""
+    code = trainstate.code_fingerprint(*STUDY_CODE)
+    # what a cell does not run is no part of its identity: few-shot never, the fine-tunes unless scaling_finetune
+    unused = (*GRID_KEYS, "fewshot", "fewshot_finetune",
+              *(() if p.scaling_finetune else ("finetune", "finetune_seeds")))
+    cells = []
+    for arm in arms:
+        for fraction in [1.0] if ARMS[arm] is None else fractions:
+            for seed in seeds:
+                cp = cell_params(p, arm, fraction, seed)
+                folder = cell_dir(out, arm, fraction, seed)
+                done = folder / "result.json"
+                identity = {"study": {k: v for k, v in trainstate.jsonable(cp).items() if k not in unused},
+                            "cell": {"arm": arm, "fraction": None if ARMS[arm] is None else fraction, "seed": seed},
+                            "code": code}
+                name = f"{arm}" + ("" if ARMS[arm] is None else f" at {fraction:g}") + f", seed {seed}"
+                if done.exists() and json.loads(done.read_text()).get("identity") == identity:
+                    cells.append(json.loads(done.read_text()))
+                    log(f"study {name}: reusing {done}")
+                    continue
+                model, history, shapes = arm_encoder(cp, arm, cache, folder, log)
+                record = {"identity": identity, **identity["cell"], "data": shapes,
+                          "params": trainstate.jsonable(arm_params(cp, arm)), "parameters": parameter_counts(model),
+                          "history": history,
+                          "stores": evaluate_arm(cp, model, arm, data, log, finetuned=p.scaling_finetune,
+                                                 fewshot=False)}
+                trainstate.write_json(done, record)
+                cells.append(record)
+    summary = scaling_summary(p, arms, fractions, seeds, cells)
+    summary["plot"] = scaling_plot(summary, out / "scaling.png")    # each panel's lines
+    trainstate.write_json(out / "scaling.json", summary)
+    (out / "scaling.md").write_text(scaling_table(summary))
+    return summary
+
+
+def scaling_metrics(p: StudyParams) -> list[str]:
+    """The held-out figures of a scaling cell: the frozen probes (BatchNorm statistics as saved), the
+    fine-tunes' mean when they run."""
+    return [*PROBE_KEYS, *(["finetune"] if p.scaling_finetune else [])]
+
+
+def scaling_summary(p: StudyParams, arms: list[str], fractions: list[float], seeds: list[int],
+                    cells: list[dict]) -> dict[str, Any]:
+    """scaling.json: every cell (arm, fraction, seed, the shapes it pretrained on, its held-out figures),
+    and what the plot draws: per store and figure, each pretrained arm's mean ± std over seeds at every
+    fraction (``series``), random init's over its seeds (``random_init``)."""
+    metrics = scaling_metrics(p)
+
+    def figure(cell: dict, store: str, metric: str) -> float:
+        value = cell["stores"][store][metric]
+        return value["mean"] if isinstance(value, dict) else value
+
+    rows = [{"arm": c["arm"], "fraction": c["fraction"], "seed": c["seed"],
+             **({k: c["data"][k] for k in ("shapes", "of", "per_category")} if c.get("data") else {}),
+             "stores": {s: {m: figure(c, s, m) for m in metrics} for s in p.stores}} for c in cells]
+    series: dict[str, dict] = {s: {m: {} for m in metrics} for s in p.stores}
+    baseline: dict[str, dict] = {s: {} for s in p.stores}
+    for store in p.stores:
+        for metric in metrics:
+            for arm in arms:
+                mine = [r for r in rows if r["arm"] == arm]
+                if ARMS[arm] is None:
+                    baseline[store][metric] = mean_std([r["stores"][store][metric] for r in mine])
+                    continue
+                per = [[r["stores"][store][metric] for r in mine if r["fraction"] == f] for f in fractions]
+                series[store][metric][arm] = {"fractions": fractions, "mean": [float(np.mean(v)) for v in per],
+                                              "std": [float(np.std(v)) for v in per], "values": per}
+    shapes = {f"{f:g}": next((r["shapes"] for r in rows if r["fraction"] == f and "shapes" in r), None)
+              for f in fractions}
+    return {"preset": p.preset, "arms": arms, "fractions": fractions, "seeds": seeds, "metrics": metrics,
+            "stores": p.stores, "shapes": shapes, "cells": rows, "series": series, "random_init": baseline,
+            "paper": PAPER_FIGURES.get(p.preset or "")}
+
+
+METRIC_LABELS = {"knn": "k-NN", "svm": "linear SVM", "svm_std": "linear SVM, standardised",
+                 "finetune": "fine-tuned"}
+
+
+def scaling_table(summary: dict) -> str:
+    """Markdown: per store and figure, one row per arm, mean ± std over seeds at every fraction."""
+    fractions = summary["fractions"]
+    head = "| store | figure | arm |" + "".join(f" {100 * f:g} % |" for f in fractions)
+    lines = [head, "|---|---|---|" + "---|" * len(fractions),
+             "| | | pretraining shapes |" + "".join(f" {summary['shapes'][f'{f:g}']} |" for f in fractions)]
+    for store, figures in summary["series"].items():
+        for metric, arms in figures.items():
+            if metric in summary["random_init"][store]:
+                cells = _pm(summary["random_init"][store][metric]) + " (no pretraining)"
+                lines.append(f"| {store} | {METRIC_LABELS[metric]} | {LABELS['random_init']} | {cells} |"
+                             + " |" * (len(fractions) - 1))
+            for arm, s in arms.items():
+                lines.append(f"| {store} | {METRIC_LABELS[metric]} | {LABELS.get(arm, arm)} |"
+                             + "".join(f" {m:.1f} ± {d:.1f} |" for m, d in zip(s["mean"], s["std"])))
+    lines += ["", f"Held-out accuracy (%), mean ± std over seeds {summary['seeds']} (each seed: the pretraining "
+              "subset, the initialisation and the probes); the frozen probes with BatchNorm statistics as saved. "
+              "Pretraining shapes: per category max(1, round(fraction · n)) of the pretraining split."]
+    if summary.get("paper"):
+        lines += ["", f"The paper ({summary['paper']['source']}; {PAPER_SCALE}) reads: {summary['paper']['reading']} "
+                  "Its figure has no numbers to print beside ours; ours come from a tiny student on the demo's "
+                  "shapes: compare the direction of each curve, never the values."]
+    return "\n".join(lines) + "\n"
+
+
+def scaling_plot(summary: dict, path: Path) -> dict[str, list[str]]:
+    """Held-out accuracy against the pretraining fraction (log x): per store (rows) and figure (columns),
+    one line per pretrained arm (mean over seeds, shaded ± std), random init as a dashed line with a
+    ± std band. Returns each panel's line labels ({"store/figure": [label, ...]})."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stores, metrics, fractions = list(summary["series"]), summary["metrics"], summary["fractions"]
+    fig, axes = plt.subplots(len(stores), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(stores)),
+                             squeeze=False)
+    drawn: dict[str, list[str]] = {}
+    for row, store in enumerate(stores):
+        for col, metric in enumerate(metrics):
+            ax = axes[row][col]
+            for arm, s in summary["series"][store][metric].items():
+                mean, std = np.array(s["mean"]), np.array(s["std"])
+                (line,) = ax.plot(fractions, mean, marker="o", label=LABELS.get(arm, arm))
+                ax.fill_between(fractions, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            base = summary["random_init"][store].get(metric)
+            if base:
+                ax.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="grey", alpha=0.15)
+                ax.axhline(base["mean"], color="grey", linestyle="--", label=f"{LABELS['random_init']} (± std)")
+            ax.set_xscale("log")
+            ax.set_xticks(fractions)
+            ax.set_xticklabels([f"{100 * f:g}%" for f in fractions], fontsize=7)
+            ax.minorticks_off()
+            ax.set_title(f"{store}: held-out {METRIC_LABELS[metric]}", fontsize=9)
+            ax.set_xlabel("pretraining data (fraction of shapes)")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+            drawn[f"{store}/{metric}"] = [line.get_label() for line in ax.get_lines()]
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"data scaling: mean ± std over seeds {summary['seeds']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn

@@ -4,11 +4,13 @@ Every random choice of an item (point subset, rotation, view/augmentation, promp
 drawn from ``np.random.default_rng([seed, epoch, index])``: the same whatever the number of
 DataLoader workers or ranks, and exactly reproducible after a resume. Unpaired image targets
 (``image_pairing: unpaired``, the paper's Table 14) come from a per-epoch shuffle within each
-category, itself a function of (seed, epoch) alone (:func:`image_partners`).
+category, itself a function of (seed, epoch) alone (:func:`image_partners`). Data scaling pretrains on a
+stratified, seeded, nested share of the shapes (:func:`fraction_positions`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -193,6 +195,51 @@ def image_partners(categories: np.ndarray, seed: int, epoch: int) -> np.ndarray:
         order = rng.permutation(np.flatnonzero(categories == category))
         partners[order] = np.roll(order, -1)
     return partners
+
+
+def check_fraction(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1], or a ValueError naming it."""
+    value = float(fraction)
+    if not 0.0 < value <= 1.0:   # also refuses nan
+        raise ValueError(f"data_fraction must be in (0, 1] (1 = every pretraining shape), got {fraction!r}")
+    return value
+
+
+def fraction_positions(ids: list[str], categories: list[str], fraction: float, seed: int) -> np.ndarray:
+    """The data-scaling subset (``PretrainParams.data_fraction``): sorted positions into ``ids`` of a
+    stratified, seeded share of them. Each category keeps ``max(1, ⌊fraction · n_c + ½⌋)`` of its n_c
+    shapes: the first ones of a permutation of its ids (sorted) drawn from ``(seed, category)`` (a stream
+    of its own, spawn key 2). A pure function of (ids, categories, fraction, seed), independent of row
+    order; the permutation does not depend on the fraction, so the subsets are nested (a smaller
+    fraction's shapes lie inside a larger one's, for the same seed), and fraction 1 keeps every shape."""
+    fraction = check_fraction(fraction)
+    by_category: dict[str, list[tuple[str, int]]] = {}
+    for position, (shape_id, category) in enumerate(zip(ids, categories)):
+        by_category.setdefault(str(category), []).append((str(shape_id), position))
+    keep: list[int] = []
+    for category, members in sorted(by_category.items()):
+        members.sort()
+        rng = np.random.default_rng(np.random.SeedSequence([seed, *category.encode()], spawn_key=(2,)))
+        order = rng.permutation(len(members))
+        count = max(1, math.floor(fraction * len(members) + 0.5))
+        keep.extend(members[i][1] for i in order[:count])
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def fraction_of_stores(stores: PretrainStores, fraction: float, seed: int) -> tuple[PretrainStores, dict]:
+    """``stores`` restricted to the :func:`fraction_positions` subset of its rows, and what was kept
+    (``{data_fraction, data_seed, shapes, of, per_category}``); fraction 1 returns ``stores`` itself."""
+    fraction = check_fraction(fraction)
+    shapes = stores.shapes
+    categories = shapes["category"].to_numpy()[stores.rows]
+    rows = stores.rows
+    if fraction != 1.0:
+        rows = rows[fraction_positions(shapes["id"].to_numpy()[rows].tolist(), categories.tolist(), fraction, seed)]
+        stores = dataclasses.replace(stores, rows=rows)
+    kept = shapes["category"].to_numpy()[rows]
+    per_category = {str(c): int((kept == c).sum()) for c in np.unique(categories)}
+    return stores, {"data_fraction": fraction, "data_seed": seed, "shapes": int(len(rows)),
+                    "of": int(len(categories)), "per_category": per_category}
 
 
 class PretrainDataset(Dataset):

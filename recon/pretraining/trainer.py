@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from recon.network.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
 from recon.network.reference import init_from_vit
 from recon.pretraining.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
+from recon.pretraining.data import fraction_of_stores  # data scaling (Fig. 1(a))
 from recon.pretraining.monitor import PretrainMonitor
 from recon.pretraining.targets import TARGET_NORMS, compute_target_stats
 from recon.runtime import codedeps, trainstate
@@ -88,6 +89,10 @@ class PretrainParams:
     #: category (a seeded shuffle per (seed, epoch), Table 14)
     image_pairing: str = "paired"
     split: str = "all"             # shapes to pretrain on: all (the reference: ShapeNet train + test) | train
+    #: data scaling (Fig. 1(a)): pretrain on this share of the split's shapes, in (0, 1]; per category
+    #: max(1, round(fraction · n)), seeded by data_seed, nested across fractions (data.fraction_positions)
+    data_fraction: float = 1.0
+    data_seed: int | None = None   # the subset's seed; null: seed
     target_norm: str = "none"      # none (the reference: raw teacher features) | store (train-split mean/std)
     image_variants: str = "augmented"  # with A > 1 stored variants: augmented (1..A-1) | all (0 = clean too)
     monitor_shapes: int = 512      # per split, for the per-epoch losses/baselines/probe; 0 = no monitor
@@ -183,6 +188,11 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         if len(train_rows) == 0:
             raise ValueError("split: train, but no usable shape is in the train split")
         stores = dataclasses.replace(stores, rows=train_rows)
+    # data scaling: a stratified, seeded share of those shapes (fraction 1: the same stores, untouched)
+    stores, data = fraction_of_stores(stores, p.data_fraction, p.seed if p.data_seed is None else p.data_seed)
+    if p.data_fraction != 1.0 and d.is_main:
+        log(f"pretrain: data_fraction {p.data_fraction:g}: {data['shapes']} of {data['of']} shapes "
+            f"(≥ 1 per category, seed {data['data_seed']})")
     cfg = model_config(p, stores.image_dim, stores.text_dim)
     if use_image and cfg.img_match == "none" and cfg.img_queries > 1 and cfg.img_queries != stores.image.shape[1]:
         raise ValueError(f"match: none pairs image query k with view k, but the model has {cfg.img_queries} image "
@@ -339,7 +349,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
             break
     if d.is_main and history:  # also when a finished run is resumed (dvc removes outputs first)
         trainstate.write_history(out, history)
-    return {"history": history, "model": model, "stores": stores, "monitor": monitor, "stats": stats}
+    return {"history": history, "model": model, "stores": stores, "monitor": monitor, "stats": stats, "data": data}
 
 
 def calibration_clouds(stores, count: int, n_points: int, rotate: bool, seed: int) -> torch.Tensor:
