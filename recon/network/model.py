@@ -414,19 +414,8 @@ class ReConEncoder(nn.Module):
         ``patch_pos`` [B,V,C], ``block_outputs`` (list of [B,Q+V,C]) and ``tokens`` = final LN
         output [B,Q+V,C] (Q = ``cfg.num_queries``: 3, or 2 + K).
         """
-        # The mini-PointNet is most of a small student's FLOPs, and a masked group's embedding is
-        # never used. The reference embeds them anyway (its BatchNorm statistics see every group);
-        # embed_masked=False makes the visible groups the only groups before embedding: same
-        # weights, same outputs in eval mode, batch statistics from the visible 40 % in training.
-        if visible is not None and not self.embed_masked:
-            neighborhood, center, visible = take_rows(neighborhood, visible), take_rows(center, visible), None
-        group_tokens = self.patch_embed(neighborhood)
-        x, c = group_tokens, center
-        if visible is not None:
-            x, c = take_rows(group_tokens, visible), take_rows(center, visible)
-        B = group_tokens.shape[0]
-        patch_pos = self.pos_embed(c)
-        q_tok, q_pos = self.queries(B)
+        group_tokens, x, patch_pos = embed_patches(self, neighborhood, center, visible)
+        q_tok, q_pos = self.queries(group_tokens.shape[0])
         x = torch.cat([q_tok, x], dim=1)
         pos = torch.cat([q_pos, patch_pos], dim=1)
         block_outputs = []
@@ -435,6 +424,25 @@ class ReConEncoder(nn.Module):
             block_outputs.append(x)
         return dict(group_tokens=group_tokens, patch_pos=patch_pos,
                     block_outputs=block_outputs, tokens=self.norm(x))
+
+
+def embed_patches(encoder: nn.Module, neighborhood: Tensor, center: Tensor,
+                  visible: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Every encoder's first step: (``group_tokens`` [B,G,C] of ``encoder.patch_embed``, the tokens of
+    the ``visible`` groups [B,V,C] (None: all) and their positions ``encoder.pos_embed`` [B,V,C]).
+
+    The mini-PointNet is most of a small student's FLOPs, and a masked group's embedding is never
+    used. The reference embeds them anyway (its BatchNorm statistics see every group);
+    ``embed_masked=False`` makes the visible groups the only groups before embedding (``group_tokens``
+    then [B,V,C]): same weights, same outputs in eval mode, batch statistics from the visible 40 % in
+    training."""
+    if visible is not None and not encoder.embed_masked:
+        neighborhood, center, visible = take_rows(neighborhood, visible), take_rows(center, visible), None
+    group_tokens = encoder.patch_embed(neighborhood)
+    tokens, c = group_tokens, center
+    if visible is not None:
+        tokens, c = take_rows(group_tokens, visible), take_rows(center, visible)
+    return group_tokens, tokens, encoder.pos_embed(c)
 
 
 class PlainEncoder(nn.Module):
@@ -482,13 +490,7 @@ class PlainEncoder(nn.Module):
         mask tokens of ``masked`` (optional)]; returns ``group_tokens``, ``patch_pos`` (visible),
         ``block_outputs`` and ``tokens`` (final LN), as :meth:`ReConEncoder.forward`."""
         masked_center = take_rows(center, masked) if masked is not None else None
-        if visible is not None and not self.embed_masked:
-            neighborhood, center, visible = take_rows(neighborhood, visible), take_rows(center, visible), None
-        group_tokens = self.patch_embed(neighborhood)
-        x, c = group_tokens, center
-        if visible is not None:
-            x, c = take_rows(group_tokens, visible), take_rows(center, visible)
-        patch_pos = self.pos_embed(c)
+        group_tokens, x, patch_pos = embed_patches(self, neighborhood, center, visible)
         pos = patch_pos
         if masked is not None:
             x = torch.cat([x, mask_token.expand(x.shape[0], masked.shape[1], -1)], dim=1)
