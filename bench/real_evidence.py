@@ -68,6 +68,8 @@ def read(path: Path) -> dict:
 
 
 def fewshot_sets(spec: str) -> list[str]:
+    if spec == "none":
+        return []
     ways, shots, folds, query, epochs = (int(x) for x in spec.split(","))
     return ["--set", f"fewshot_ways=[{ways}]", "--set", f"fewshot_shots=[{shots}]", "--set", f"fewshot_folds={folds}",
             "--set", f"fewshot_query={query}", "--set", f"fewshot_finetune.epochs={epochs}",
@@ -92,7 +94,8 @@ def run_seeds(work: Path, seeds: list[int], fewshot: str, shapes: int) -> None:
         if not (out / "metrics.json").exists():
             stage(work, f"evaluate-seed-{seed}",
                   ["evaluate", "--checkpoint", str(ckpt), "--store", str(work / STORE), "--baseline", "--out", str(out),
-                   "--set", "tasks=[svm,zeroshot,fewshot]", "--set", f"seed={seed}", *fewshot_sets(fewshot)],
+                   "--set", f"tasks=[svm,zeroshot{'' if fewshot == 'none' else ',fewshot'}]", "--set", f"seed={seed}",
+                   *fewshot_sets(fewshot)],
                   cache, shapes)
 
 
@@ -116,7 +119,7 @@ def teacher_ceiling(work: Path) -> dict:
     row = {str(i): k for k, i in enumerate(image.ids)}
     features = np.asarray(image["features"][:, :, 0]).mean(axis=1)        # variant 0: the clean render
     classes = sorted(shapes["category"].unique().to_list())
-    result = {"teacher": image.params().get("image_teacher") or image.params()}
+    result = {"teacher": image.params.get("teacher") or image.params.get("image_teacher")}
     splits = {}
     for split in ("train", "test"):
         part = shapes.filter((pl.col("split") == split) & pl.col("id").is_in(list(row)))
@@ -128,17 +131,23 @@ def teacher_ceiling(work: Path) -> dict:
     return result
 
 
-def run_finetune(work: Path, seeds: list[int], epochs: int, shapes: int) -> None:
-    num_group = int(_pretrain_model(work).get("num_group", 64))   # the patches the encoder was pretrained with
+def pretrained_vs_scratch(work: Path, prefix: str, seeds: list[int], task: str, args: list[str], shapes: int) -> None:
+    """Per seed, ``recon finetune`` from that seed's pretraining and from scratch with the same seed
+    (runs ``<prefix>-pretrained-<seed>`` and ``<prefix>-scratch-<seed>``; ``task``: the metrics folder)."""
     for seed in seeds:
         pretrained = work / "evidence" / f"seed-{seed}" / "cache" / "pretrain" / "model.pt"
-        for name, init in ((f"finetune-pretrained-{seed}", str(pretrained)), (f"finetune-scratch-{seed}", "scratch")):
-            cache = seed_cache(work, name)
-            if (cache / "metrics" / "finetune" / "metrics.json").exists():
-                continue
-            stage(work, name, ["finetune", "--store", str(work / STORE), "--init", init, "--seed", str(seed),
-                               "--epochs", str(epochs), "--votes", "0", "--set", f"num_group={num_group}"],
-                  cache, shapes)
+        for kind, init in (("pretrained", str(pretrained)), ("scratch", "scratch")):
+            cache = seed_cache(work, f"{prefix}-{kind}-{seed}")
+            if not (cache / "metrics" / task / "metrics.json").exists():
+                stage(work, f"{prefix}-{kind}-{seed}", [*args, "--set", f"init={init}", "--set", f"seed={seed}"],
+                      cache, shapes)
+
+
+def run_finetune(work: Path, seeds: list[int], epochs: int, shapes: int) -> None:
+    num_group = int(_pretrain_model(work).get("num_group", 64))   # the patches the encoder was pretrained with
+    pretrained_vs_scratch(work, "finetune", seeds, "finetune",
+                          ["finetune", "--store", str(work / STORE), "--epochs", str(epochs), "--votes", "0",
+                           "--set", f"num_group={num_group}"], shapes)
 
 
 def _pretrain_model(work: Path) -> dict:
@@ -187,28 +196,17 @@ def run_transfer(work: Path, psb: Path, seeds: list[int], epochs: int, shapes: i
             stage(work, f"transfer-svm-seed-{seed}",
                   ["evaluate", "--checkpoint", str(cache / "pretrain" / "model.pt"), "--store", str(cls_store),
                    "--baseline", "--out", str(out), "--set", "tasks=[svm]", "--set", f"seed={seed}"], cache, shapes)
-        pretrained = cache / "pretrain" / "model.pt"
-        for name, init in ((f"psb-finetune-pretrained-{seed}", str(pretrained)), (f"psb-finetune-scratch-{seed}", "scratch")):
-            run_cache = seed_cache(work, name)
-            if (run_cache / "metrics" / "finetune" / "metrics.json").exists():
-                continue
-            stage(work, name, ["finetune", "--store", str(cls_store), "--init", init, "--seed", str(seed),
-                               "--epochs", str(epochs), "--votes", "0", "--set", f"num_group={num_group}"],
-                  run_cache, shapes)
+    pretrained_vs_scratch(work, "psb-finetune", seeds, "finetune",
+                          ["finetune", "--store", str(cls_store), "--epochs", str(epochs), "--votes", "0",
+                           "--set", f"num_group={num_group}"], shapes)
 
 
 def run_parts(work: Path, psb: Path, seeds: list[int], epochs: int, shapes: int) -> None:
     _, parts_store = psb_stores(work, psb, shapes)
     num_group = int(_pretrain_model(work).get("num_group", 64))
-    for seed in seeds:
-        pretrained = work / "evidence" / f"seed-{seed}" / "cache" / "pretrain" / "model.pt"
-        for name, init in ((f"parts-pretrained-{seed}", str(pretrained)), (f"parts-scratch-{seed}", "scratch")):
-            cache = seed_cache(work, name)
-            if (cache / "metrics" / "partseg" / "metrics.json").exists():
-                continue
-            stage(work, name, ["finetune", "--task", "partseg", "--set", f"store={parts_store}", "--set", f"init={init}",
-                               "--set", f"seed={seed}", "--set", f"epochs={epochs}", "--set", "n_points=1024",
-                               "--set", f"num_group={num_group}", "--set", "group_size=32"], cache, shapes)
+    pretrained_vs_scratch(work, "parts", seeds, "partseg",
+                          ["finetune", "--task", "partseg", "--set", f"store={parts_store}", "--set", f"epochs={epochs}",
+                           "--set", "n_points=1024", "--set", f"num_group={num_group}", "--set", "group_size=32"], shapes)
 
 
 def mean_std(values: list[float]) -> str:
@@ -276,12 +274,15 @@ def summarise(work: Path, seeds: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="the --work folder of bench/real_meshes.py")
-    parser.add_argument("--steps", default="seeds,ceiling,finetune,transfer,study,parts",
-                        help="any of seeds, ceiling, finetune, transfer, study, parts (run in that order)")
+    parser.add_argument("--steps", default="seeds,ceiling,transfer,finetune,parts,study",
+                        help="any of seeds, ceiling, transfer, finetune, parts, study (run in that order)")
     parser.add_argument("--seeds", default="0,1,2", help="pretraining seeds")
-    parser.add_argument("--fewshot", default="5,10,5,10,10", help="ways,shots,folds,query,fine-tune epochs")
+    parser.add_argument("--fewshot", default="5,10,5,10,10",
+                        help="ways,shots,folds,query,fine-tune epochs of evaluate's few-shot; none: no few-shot")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--study-finetune-epochs", type=int, default=2)
+    parser.add_argument("--study-fewshot", default="5,10,5,10,20",
+                        help="the study's few-shot: ways,shots,folds,query,fine-tune epochs (the demo recipe)")
     parser.add_argument("--psb", type=Path, help="the Labeled PSB LabeledDB_new folder (transfer, parts)")
     parser.add_argument("--psb-epochs", type=int, default=10, help="fine-tuning epochs on Labeled PSB")
     args = parser.parse_args()
@@ -300,16 +301,16 @@ def main() -> None:
     if "ceiling" in steps:
         report["teacher_ceiling"] = teacher_ceiling(work)
         print("teacher ceiling:", report["teacher_ceiling"], flush=True)
-    if "finetune" in steps:
-        run_finetune(work, seeds, args.finetune_epochs, shapes)
     if {"transfer", "parts"} & set(steps) and not args.psb:
         raise SystemExit("transfer and parts need --psb /path/to/LabeledDB_new")
     if "transfer" in steps:
         run_transfer(work, args.psb.resolve(), seeds, args.psb_epochs, shapes)
-    if "study" in steps:
-        run_study(work, args.study_finetune_epochs, args.fewshot, shapes)
+    if "finetune" in steps:
+        run_finetune(work, seeds, args.finetune_epochs, shapes)
     if "parts" in steps:
         run_parts(work, args.psb.resolve(), seeds, args.psb_epochs, shapes)
+    if "study" in steps:
+        run_study(work, args.study_finetune_epochs, args.study_fewshot, shapes)
     summary = summarise(work, seeds)
     report.update(seeds=seeds, fewshot=args.fewshot, finetune_epochs=args.finetune_epochs, **summary)
     report_path.parent.mkdir(parents=True, exist_ok=True)
