@@ -4,6 +4,7 @@ recomputation, results reused on a rerun."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,16 +16,22 @@ from recon.downstream.study import ARMS, frozen_probe
 from recon.network.pointops import fps_indices
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    from stages import study as stage
-
-    root = tmp_path_factory.mktemp("study")
+def study_folder(tmp_path_factory, name: str):
+    """A demo-like cache (6 shapes a class, 256 points), its classification store and a params.yaml
+    with the demo's pretraining choices, in a new folder: (root, cache, store)."""
+    root = tmp_path_factory.mktemp(name)
     cache = write_demo_like_cache(root / "cache", n_per_class=6, n_points=256)
     store = convert_points(cache, root / "demo.zarr", 256, log=lambda *_: None, fps=fps_indices).path
     (root / "params.yaml").write_text("pretrain:\n  split: train\n  target_norm: store\n  global_loss: cosine\n"
                                       "  schedule: step\n  device: cpu\n")
-    import os
+    return root, cache, store
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from stages import study as stage
+
+    root, cache, store = study_folder(tmp_path_factory, "study")
     os.environ["RECON_PARAMS"] = str(root / "params.yaml")
     try:
         p = stage.params({"out": str(root / "study"), "demo_store": str(store), "quick": True, "device": "cpu"})
@@ -335,16 +342,10 @@ def scaling_study(tmp_path_factory):
     """`recon study --quick --set fractions=[0.5,1] --set fraction_seeds=[0,1]` with random init, ReCon and the
     contrastive-only plain Transformer on a demo-like cache of its own (4 categories × 4 train shapes), then the
     same study again."""
-    import os
-
     from recon.downstream.study import run_study
     from stages import study as stage
 
-    root = tmp_path_factory.mktemp("scaling")
-    cache = write_demo_like_cache(root / "cache", n_per_class=6, n_points=256)
-    store = convert_points(cache, root / "demo.zarr", 256, log=lambda *_: None, fps=fps_indices).path
-    (root / "params.yaml").write_text("pretrain:\n  split: train\n  target_norm: store\n  global_loss: cosine\n"
-                                      "  schedule: step\n  device: cpu\n")
+    root, cache, store = study_folder(tmp_path_factory, "scaling")
     os.environ["RECON_PARAMS"] = str(root / "params.yaml")
     try:
         p = stage.params({"out": str(root / "scaling"), "demo_store": str(store), "quick": True, "device": "cpu",
