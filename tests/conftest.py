@@ -105,3 +105,19 @@ def write_synthetic_cache(cache: Path, n_per_class: int = 4, n_points: int = 512
     write(CacheLayout(cache).text_features, categories, {"features": ArraySpec((templates, text_dim), "float16", 3)},
           {"features": text.astype(np.float16)})
     return cache
+
+
+def convert_command(tmp_path: Path, monkeypatch):
+    """The CLI's `convert` command alone as a Typer app, run in ``tmp_path`` (its params.yaml and
+    cache): invoke it with ``CliRunner().invoke(app, ["convert", ...])``."""
+    import typer
+
+    from cli import convert
+
+    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.command("convert")(convert)
+    app.command("noop")(lambda: None)   # two commands: typer then keeps the command name
+    return app

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from conftest import convert_command
 from pipeline import labeled_psb as LP
 from pipeline.store import open_store, read_failure_log
 from recon.downstream.cls_data import load_classification
@@ -271,15 +271,8 @@ def test_broken_mesh_and_labels_are_failure_rows(tmp_path, monkeypatch):
 
 
 def test_convert_cli_labeled_psb(tmp_path, monkeypatch):
-    from cli import convert
-
     base = write_psb(tmp_path, per_class=2)
-    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
-    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    app = typer.Typer()
-    app.command("convert")(convert)
-    app.command("noop")(lambda: None)
+    app = convert_command(tmp_path, monkeypatch)
     runner = CliRunner()
     for fmt, out in (("labeled-psb", "psb.zarr"), ("labeled-psb-parts", "parts.zarr")):
         result = runner.invoke(app, ["convert", "--set", f"format={fmt}", "--set", f"source={base}",

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from conftest import convert_command
 from pipeline import partseg_store as PS
 from pipeline.demo import _GENERATORS, build_shape, generate_demo
 from pipeline.demo_parts import DEMO_PARTS, part_index, read_obj_parts, sample_parts
@@ -131,15 +131,8 @@ def test_point_choice_is_seeded_per_shape():
 
 @pytest.mark.filterwarnings("ignore:.*(split-list entries skipped|No such file|7 numbers|not parts of):UserWarning")
 def test_convert_cli_shapenetpart(tmp_path, monkeypatch):
-    from cli import convert
-
     write_shapenetpart(tmp_path / "data")
-    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
-    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    app = typer.Typer()
-    app.command("convert")(convert)
-    app.command("noop")(lambda: None)
+    app = convert_command(tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["convert", "shapenetpart", str(tmp_path / "data"), "--out",
                                       str(tmp_path / "sp.zarr"), "--points", "16"])
     assert result.exit_code == 0, result.output
