@@ -32,8 +32,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from recon.network.model import ReConConfig, ReConPretrain, recalibrate_batchnorm
 from recon.network.reference import init_from_vit
-from recon.pretraining.data import EpochBatches, PretrainDataset, loader_workers, make_loader, open_pretrain_stores
-from recon.pretraining.data import fraction_of_stores  # data scaling (Fig. 1(a))
+from recon.pretraining.data import (
+    EpochBatches,
+    PretrainDataset,
+    fraction_of_stores,
+    loader_workers,
+    make_loader,
+    open_pretrain_stores,
+)
 from recon.pretraining.monitor import PretrainMonitor
 from recon.pretraining.targets import TARGET_NORMS, compute_target_stats
 from recon.runtime import codedeps, trainstate
@@ -226,7 +232,10 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
                                   p.monitor_shapes, p.seed, device=d.device, baseline_seeds=p.baseline_seeds,
                                   bn_treatments=p.monitor_bn_treatments, bn_clouds=p.monitor_bn_clouds)
-    optimizer = adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
+    def new_optimizer() -> torch.optim.Optimizer:   # AdamW, the distillation side at query_lr_scale × lr
+        return adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
+
+    optimizer = new_optimizer()
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
     identity = run_identity(p, stores)   # once: with init_vit it hashes the ViT file
@@ -270,7 +279,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         stage_start = 0 if stage == "rec" or p.rec_epochs == 0 else \
             next(r["step"] for r in history if r["epoch"] == p.rec_epochs - 1)
         if p.rec_epochs > 0 and epoch == p.rec_epochs:   # the full objective starts as a new run: fresh AdamW moments
-            optimizer = adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
+            optimizer = new_optimizer()
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)  # its batches carry the epoch to the workers
         model.train()
