@@ -18,8 +18,9 @@ Steps (``--steps``, in this order; each finished one is kept and skipped on a re
   embedding averaged over the rendered views): what distillation could at best transfer.
 - ``finetune``: fine-tuning from each seed's pretraining and from scratch with the same seed
   (``--finetune-epochs``; the pretraining's patch count), single-pass test accuracy.
-- ``study``: ``recon study`` on the corpus's held-out split: random init, reconstruction only,
-  distillation only, full ReCon (standardised targets), with its table and plot.
+- ``study``: ``recon study`` on the corpus's held-out split (``--study-arms``): random init, reconstruction
+  only, distillation only, full ReCon (standardised targets) and ReCon++ (one image query per rendered view,
+  Hungarian-matched, reconstruction-first stage: docs/reconpp.md), with its table and plot.
 - ``transfer`` (with ``--psb``, the Labeled PSB ``LabeledDB_new`` folder: another corpus, 19
   classes): each seed's encoder and its random-init twin, frozen, on its held-out split (linear SVM
   under every BatchNorm treatment), and fine-tuned on it against from scratch.
@@ -157,13 +158,13 @@ def _pretrain_model(work: Path) -> dict:
     return section.get("model") or {}
 
 
-def run_study(work: Path, epochs: int, fewshot: str, shapes: int) -> None:
+def run_study(work: Path, arms: str, epochs: int, fewshot: str, shapes: int) -> None:
     out = work / "evidence" / "study"
     if (out / "table.md").exists():
         return
     ways, shots, folds, query, fs_epochs = (int(x) for x in fewshot.split(","))
     num_group = int(_pretrain_model(work).get("num_group", 64))
-    stage(work, "study", ["study", "--set", "arms=[random_init,rec_only,distill_only,recon_std]",
+    stage(work, "study", ["study", "--set", f"arms=[{arms}]",
                           "--set", f"stores.real={work / STORE}", "--set", f"out={out}",
                           "--set", "pretrain.baseline_seeds=1",   # the arms' own probes judge them
                           "--set", "finetune_seeds=[0]", "--set", f"finetune.epochs={epochs}",
@@ -280,6 +281,8 @@ def main() -> None:
     parser.add_argument("--fewshot", default="5,10,5,10,10",
                         help="ways,shots,folds,query,fine-tune epochs of evaluate's few-shot; none: no few-shot")
     parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--study-arms", default="random_init,rec_only,distill_only,recon_std,reconpp",
+                        help="the study's arms (recon.downstream.study.ARMS)")
     parser.add_argument("--study-finetune-epochs", type=int, default=2)
     parser.add_argument("--study-fewshot", default="5,10,5,10,20",
                         help="the study's few-shot: ways,shots,folds,query,fine-tune epochs (the demo recipe)")
@@ -310,7 +313,7 @@ def main() -> None:
     if "parts" in steps:
         run_parts(work, args.psb.resolve(), seeds, args.psb_epochs, shapes)
     if "study" in steps:
-        run_study(work, args.study_finetune_epochs, args.study_fewshot, shapes)
+        run_study(work, args.study_arms, args.study_finetune_epochs, args.study_fewshot, shapes)
     summary = summarise(work, seeds)
     report.update(seeds=seeds, fewshot=args.fewshot, finetune_epochs=args.finetune_epochs, **summary)
     report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -516,12 +516,13 @@ def test_the_monitor_records_every_bn_treatment_per_epoch(cache, tmp_path):
 
 
 def write_demo_like_cache(cache: Path, n_per_class: int = 10, n_points: int = 256, image_dim: int = 64,
-                          text_dim: int = 96, variants: int = 3, seed: int = 0) -> Path:
+                          text_dim: int = 96, variants: int = 3, seed: int = 0, views: int = 1) -> Path:
     """A cache shaped like the demo's: four categories of clouds that stay distinct under rotation
     about Y (rod, disk, ball, shell), two test shapes per category; teacher stores like
     efficientnet + MiniLM: image features with large per-dimension offsets (up to 1.6), std ≈ 0.26,
     about half of it between categories; unit-norm text features sharing one dominant direction
-    (per-dimension std ≈ 0.04), so that SmoothL1 on raw text targets has almost no signal."""
+    (per-dimension std ≈ 0.04), so that SmoothL1 on raw text targets has almost no signal. ``views`` > 1:
+    that many rendered views per shape, each with its own view-specific part (the default draws are unchanged)."""
     import polars as pl
 
     from pipeline.store import ArraySpec, StoreWriter
@@ -548,13 +549,15 @@ def write_demo_like_cache(cache: Path, n_per_class: int = 10, n_points: int = 25
     image = offset + 0.26 * (0.75 * rng.normal(size=(len(categories), image_dim))[label][:, None, None]
                              + 0.45 * rng.normal(size=(n, 1, 1, image_dim))
                              + 0.5 * rng.normal(size=(n, 1, variants, image_dim)))
+    if views > 1:   # each view sees the shape differently: a per-view part on top of the shape's own
+        image = image + 0.3 * rng.normal(size=(n, views, 1, image_dim))
     common = rng.normal(size=text_dim)
     text = (3 * common / np.linalg.norm(common) + 2 * rng.normal(size=(len(categories), 1, text_dim)) / np.sqrt(text_dim)
             + 0.1 * rng.normal(size=(len(categories), 6, text_dim)) / np.sqrt(text_dim))
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     for path, rows, spec, data in (
             (cache / "points.zarr", ids, {"points": ArraySpec((n_points, 3), "float32", n)}, {"points": np.stack(clouds)}),
-            (cache / "teachers" / "image.zarr", ids, {"features": ArraySpec((1, variants, image_dim), "float16", n)},
+            (cache / "teachers" / "image.zarr", ids, {"features": ArraySpec((views, variants, image_dim), "float16", n)},
              {"features": image.astype(np.float16)}),
             (cache / "teachers" / "text.zarr", categories, {"features": ArraySpec((6, text_dim), "float16", 4)},
              {"features": text.astype(np.float16)})):

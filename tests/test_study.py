@@ -16,11 +16,11 @@ from recon.downstream.study import ARMS, frozen_probe
 from recon.network.pointops import fps_indices
 
 
-def study_folder(tmp_path_factory, name: str):
-    """A demo-like cache (6 shapes a class, 256 points), its classification store and a params.yaml
-    with the demo's pretraining choices, in a new folder: (root, cache, store)."""
+def study_folder(tmp_path_factory, name: str, views: int = 1):
+    """A demo-like cache (6 shapes a class, 256 points, ``views`` rendered views), its classification
+    store and a params.yaml with the demo's pretraining choices, in a new folder: (root, cache, store)."""
     root = tmp_path_factory.mktemp(name)
-    cache = write_demo_like_cache(root / "cache", n_per_class=6, n_points=256)
+    cache = write_demo_like_cache(root / "cache", n_per_class=6, n_points=256, views=views)
     store = convert_points(cache, root / "demo.zarr", 256, log=lambda *_: None, fps=fps_indices).path
     (root / "params.yaml").write_text("pretrain:\n  split: train\n  target_norm: store\n  global_loss: cosine\n"
                                       "  schedule: step\n  device: cpu\n")
@@ -415,3 +415,49 @@ def test_a_scaling_study_reuses_its_cells(scaling_study):
     _, summary, again, logs = scaling_study
     assert sum("reusing" in line for line in logs) == 10
     assert again == json.loads(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- ReCon++ arms
+
+
+@pytest.fixture(scope="module")
+def reconpp_study(tmp_path_factory):
+    """`recon study --quick --arms targets_all,reconpp_matched,reconpp` on a demo-like cache with 3 views."""
+    from stages import study as stage
+
+    root, cache, store = study_folder(tmp_path_factory, "reconpp", views=3)
+    os.environ["RECON_PARAMS"] = str(root / "params.yaml")
+    try:
+        p = stage.params({"out": str(root / "study"), "demo_store": str(store), "quick": True, "device": "cpu",
+                          "arms": ["targets_all", "reconpp_matched", "reconpp"]})
+        summary = stage.run(p, cache)
+    finally:
+        del os.environ["RECON_PARAMS"]
+    return root, summary
+
+
+def test_the_reconpp_arms_have_one_matched_query_per_view_and_the_same_budget(reconpp_study):
+    """ReCon++ as arms: K = V = 3 image queries Hungarian-matched to the cached views; ``reconpp`` spends the
+    same epochs as ReCon, the first half reconstructing only (its history says which stage each epoch was in)."""
+    import torch
+
+    root, summary = reconpp_study
+    arms = summary["arms"]
+    recon, matched, two_stage = (arms[a]["params"] for a in ("targets_all", "reconpp_matched", "reconpp"))
+    for params in (matched, two_stage):
+        assert params["match"] == "hungarian" and params["model"]["img_queries"] == "views"
+        assert {k: v for k, v in params["model"].items() if k != "img_queries"} == recon["model"]
+    assert recon["match"] == "none" and "img_queries" not in recon["model"]
+    assert (matched["rec_epochs"], matched["epochs"]) == (0, recon["epochs"]) == (0, 2)
+    assert (two_stage["rec_epochs"], two_stage["epochs"]) == (1, 1)
+    # three image queries instead of one: two more [C] query tokens and positions in the encoder
+    width = recon["model"]["trans_dim"]
+    for arm in ("reconpp_matched", "reconpp"):
+        assert arms[arm]["parameters"]["encoder"] == arms["targets_all"]["parameters"]["encoder"] + 2 * 2 * width
+        state = torch.load(root / "study" / arm / "pretrain" / "checkpoints" / "epoch-0001.pt", weights_only=True)
+        assert state["config"]["img_queries"] == 3 and state["config"]["img_match"] == "hungarian"
+    history = json.loads((root / "study" / "reconpp" / "result.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["rec", "full"]
+    assert {h.get("stage", "full") for h in json.loads((root / "study" / "reconpp_matched" / "result.json")
+                                                       .read_text())["history"]} == {"full"}
+    assert "ReCon++: matched queries + reconstruction-first stage" in (root / "study" / "table.md").read_text()

@@ -98,7 +98,14 @@ ARMS: dict[str, dict | None] = {
     "two_tower": {**RECON, "architecture": "two_tower", "stop_grad": False},
     "smc_only": {"targets": ["smc"], "architecture": "multitask", "stop_grad": False},
     "cmc_only": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False},
+    # ReCon++ (docs/reconpp.md): one image query per cached view, matched per shape (see RECONPP_ARMS)
+    "reconpp_matched": {**RECON, "match": "hungarian"},
+    "reconpp": {**RECON, "match": "hungarian"},
 }
+#: the ReCon++ arms' further changes, on top of the shared pretraining: ``model.img_queries: views`` is merged
+#: into the shared model overrides (an ARMS ``model`` replaces them), and ``two_stages`` splits the same
+#: budget as ReCon++ does: reconstruction only for the first half of the epochs, the full objective after
+RECONPP_ARMS: dict[str, dict] = {"reconpp_matched": {"two_stages": False}, "reconpp": {"two_stages": True}}
 LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-MAE)",
           "distill_only": "distillation only", "recon_raw": "ReCon, raw targets",
           "recon_std": "ReCon, standardised targets", "recon_reference": "ReCon, reference settings",
@@ -109,7 +116,9 @@ LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-
           "metric_infonce": "InfoNCE", "stopgrad_on": "stop-gradient on (ReCon)", "stopgrad_off": "stop-gradient off",
           "images_paired": "paired images (ReCon)", "images_unpaired": "unpaired images (same category)",
           "multitask": "vanilla multi-task", "two_tower": "two-tower network",
-          "smc_only": "SMC only (plain Transformer)", "cmc_only": "CMC only (plain Transformer)"}
+          "smc_only": "SMC only (plain Transformer)", "cmc_only": "CMC only (plain Transformer)",
+          "reconpp_matched": "ReCon++ queries: one per view, Hungarian-matched",
+          "reconpp": "ReCon++: matched queries + reconstruction-first stage"}
 
 #: preset -> the arms of one of the paper's ablation tables (``recon study --preset``), random init first
 PRESETS: dict[str, list[str]] = {
@@ -215,7 +224,12 @@ def study_arms(p: StudyParams) -> list[str]:
 def arm_params(p: StudyParams, arm: str) -> PretrainParams:
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS)}")
-    values = {"seed": p.seed, "device": p.device, **p.pretrain, **copy.deepcopy(ARMS[arm] or {})}
+    values = {"seed": p.seed, "device": p.device, **copy.deepcopy(p.pretrain), **copy.deepcopy(ARMS[arm] or {})}
+    if arm in RECONPP_ARMS:
+        values["model"] = {**values.get("model", {}), "img_queries": "views"}
+        if RECONPP_ARMS[arm]["two_stages"]:   # the same number of epochs as every arm, the first half reconstructing
+            total = int(values.get("epochs", PretrainParams.epochs))
+            values.update(rec_epochs=total // 2, epochs=total - total // 2)
     return PretrainParams(**values)
 
 

@@ -60,7 +60,8 @@ QUERY_SIDE = (".query_", "encoder.cls_", "encoder.img_", "encoder.text_", "img_p
 @dataclass
 class PretrainParams:
     variant: str = "tiny"          # student width: tiny (192/3) | small (256/4) | base (384/6)
-    model: dict = field(default_factory=dict)  # ReConConfig overrides, e.g. {depth: 4, num_group: 32}
+    #: ReConConfig overrides, e.g. {depth: 4, num_group: 32}; img_queries: views = one image query per cached view
+    model: dict = field(default_factory=dict)
     epochs: int = 300              # passes over the pretraining shapes with the full objective (the paper: 300)
     batch_size: int = 128          # global batch per optimiser step
     micro_batch: int | None = None  # per-forward batch per process; accumulation fills the rest
@@ -123,15 +124,19 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def model_config(p: PretrainParams, image_dim: int, text_dim: int) -> ReConConfig:
+def model_config(p: PretrainParams, image_dim: int, text_dim: int, views: int = 1) -> ReConConfig:
+    """The student's config; ``views``: the image store's views per shape (``model.img_queries: views``)."""
+    model = dict(p.model)
+    if model.get("img_queries") == "views":
+        model["img_queries"] = views
     return ReConConfig.variant(p.variant, **{"drop_path_rate": p.drop_path, "img_feat_dim": image_dim or 768,
                                              "text_feat_dim": text_dim or 512, "targets": tuple(p.targets),
                                              "global_loss": p.global_loss, "stop_grad": p.stop_grad,
-                                             "architecture": p.architecture, "img_match": p.match, **p.model})
+                                             "architecture": p.architecture, "img_match": p.match, **model})
 
 
-def build_model(p: PretrainParams, image_dim: int, text_dim: int) -> ReConPretrain:
-    return ReConPretrain(model_config(p, image_dim, text_dim))
+def build_model(p: PretrainParams, image_dim: int, text_dim: int, views: int = 1) -> ReConPretrain:
+    return ReConPretrain(model_config(p, image_dim, text_dim, views))
 
 
 def uses_all_views(cfg: ReConConfig) -> bool:
@@ -199,7 +204,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
     if p.data_fraction != 1.0 and d.is_main:
         log(f"pretrain: data_fraction {p.data_fraction:g}: {data['shapes']} of {data['of']} shapes "
             f"(≥ 1 per category, seed {data['data_seed']})")
-    cfg = model_config(p, stores.image_dim, stores.text_dim)
+    cfg = model_config(p, stores.image_dim, stores.text_dim, stores.image.shape[1] if use_image else 1)
     if use_image and cfg.img_match == "none" and cfg.img_queries > 1 and cfg.img_queries != stores.image.shape[1]:
         raise ValueError(f"match: none pairs image query k with view k, but the model has {cfg.img_queries} image "
                          f"queries and the store {stores.image.shape[1]} views (use match: hungarian)")
