@@ -445,9 +445,8 @@ def test_the_reconpp_arms_have_one_matched_query_per_view_and_the_same_budget(re
     arms = summary["arms"]
     recon, matched, two_stage = (arms[a]["params"] for a in ("targets_all", "reconpp_matched", "reconpp"))
     for params in (matched, two_stage):
-        assert params["match"] == "hungarian" and params["model"]["img_queries"] == "views"
-        assert {k: v for k, v in params["model"].items() if k != "img_queries"} == recon["model"]
-    assert recon["match"] == "none" and "img_queries" not in recon["model"]
+        assert params["match"] == "hungarian" and params["queries_per_view"] and params["model"] == recon["model"]
+    assert recon["match"] == "none" and not recon["queries_per_view"] and "img_queries" not in recon["model"]
     assert (matched["rec_epochs"], matched["epochs"]) == (0, recon["epochs"]) == (0, 2)
     assert (two_stage["rec_epochs"], two_stage["epochs"]) == (1, 1)
     # three image queries instead of one: two more [C] query tokens and positions in the encoder

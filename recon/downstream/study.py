@@ -98,14 +98,13 @@ ARMS: dict[str, dict | None] = {
     "two_tower": {**RECON, "architecture": "two_tower", "stop_grad": False},
     "smc_only": {"targets": ["smc"], "architecture": "multitask", "stop_grad": False},
     "cmc_only": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False},
-    # ReCon++ (docs/reconpp.md): one image query per cached view, matched per shape (see RECONPP_ARMS)
-    "reconpp_matched": {**RECON, "match": "hungarian"},
-    "reconpp": {**RECON, "match": "hungarian"},
+    # ReCon++ (docs/reconpp.md): one image query per cached view, matched per shape; reconpp also in two stages
+    "reconpp_matched": {**RECON, "queries_per_view": True, "match": "hungarian"},
+    "reconpp": {**RECON, "queries_per_view": True, "match": "hungarian"},
 }
-#: the ReCon++ arms' further changes, on top of the shared pretraining: ``model.img_queries: views`` is merged
-#: into the shared model overrides (an ARMS ``model`` replaces them), and ``two_stages`` splits the same
-#: budget as ReCon++ does: reconstruction only for the first half of the epochs, the full objective after
-RECONPP_ARMS: dict[str, dict] = {"reconpp_matched": {"two_stages": False}, "reconpp": {"two_stages": True}}
+#: arms whose budget is split in two stages as ReCon++ does: reconstruction only for the first half of the
+#: shared epochs, the full objective for the rest (the same number of epochs as every arm)
+TWO_STAGE_ARMS = ("reconpp",)
 LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-MAE)",
           "distill_only": "distillation only", "recon_raw": "ReCon, raw targets",
           "recon_std": "ReCon, standardised targets", "recon_reference": "ReCon, reference settings",
@@ -225,11 +224,9 @@ def arm_params(p: StudyParams, arm: str) -> PretrainParams:
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS)}")
     values = {"seed": p.seed, "device": p.device, **copy.deepcopy(p.pretrain), **copy.deepcopy(ARMS[arm] or {})}
-    if arm in RECONPP_ARMS:
-        values["model"] = {**values.get("model", {}), "img_queries": "views"}
-        if RECONPP_ARMS[arm]["two_stages"]:   # the same number of epochs as every arm, the first half reconstructing
-            total = int(values.get("epochs", PretrainParams.epochs))
-            values.update(rec_epochs=total // 2, epochs=total - total // 2)
+    if arm in TWO_STAGE_ARMS:
+        total = int(values.get("epochs", PretrainParams.epochs))
+        values.update(rec_epochs=total // 2, epochs=total - total // 2)
     return PretrainParams(**values)
 
 

@@ -60,8 +60,7 @@ QUERY_SIDE = (".query_", "encoder.cls_", "encoder.img_", "encoder.text_", "img_p
 @dataclass
 class PretrainParams:
     variant: str = "tiny"          # student width: tiny (192/3) | small (256/4) | base (384/6)
-    #: ReConConfig overrides, e.g. {depth: 4, num_group: 32}; img_queries: views = one image query per cached view
-    model: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # ReConConfig overrides, e.g. {depth: 4, num_group: 32}
     epochs: int = 300              # passes over the pretraining shapes with the full objective (the paper: 300)
     batch_size: int = 128          # global batch per optimiser step
     micro_batch: int | None = None  # per-forward batch per process; accumulation fills the rest
@@ -81,6 +80,7 @@ class PretrainParams:
     #: per step, ReCon; K > 1: query k with view k, K = V) | hungarian (all V views, per shape the pairs of least
     #: total loss on the detached [K, V] loss matrix, ReCon++; one host transfer per step)
     match: str = "none"
+    queries_per_view: bool = False  # model.img_queries = the image store's views per shape (ReCon++: one query a view)
     #: epochs of a reconstruction-only first stage (ReCon++'s generative stage; the distillation side, QUERY_SIDE,
     #: does not move) before the ``epochs`` of the full objective; each stage has its own warm-up + cosine schedule
     #: and fresh AdamW moments; 0 = one stage
@@ -125,10 +125,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def model_config(p: PretrainParams, image_dim: int, text_dim: int, views: int = 1) -> ReConConfig:
-    """The student's config; ``views``: the image store's views per shape (``model.img_queries: views``)."""
-    model = dict(p.model)
-    if model.get("img_queries") == "views":
-        model["img_queries"] = views
+    """The student's config; ``views``: the image store's views per shape (``queries_per_view``)."""
+    model = {**p.model, "img_queries": views} if p.queries_per_view else p.model
     return ReConConfig.variant(p.variant, **{"drop_path_rate": p.drop_path, "img_feat_dim": image_dim or 768,
                                              "text_feat_dim": text_dim or 512, "targets": tuple(p.targets),
                                              "global_loss": p.global_loss, "stop_grad": p.stop_grad,
