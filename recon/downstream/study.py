@@ -341,6 +341,14 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
     return result
 
 
+def finished(done: Path, identity: dict) -> dict | None:
+    """The result an arm or a scaling cell saved at ``done``, if it was computed with ``identity``; else None."""
+    if not done.exists():
+        return None
+    record = json.loads(done.read_text())
+    return record if record.get("identity") == identity else None
+
+
 def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, Any]:
     """Every arm: pretrain (or not), evaluate on every store; write results, table and plot."""
     arms = study_arms(p)
@@ -356,8 +364,8 @@ def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, An
     results: dict[str, Any] = {}
     for arm in arms:
         done = out / arm / "result.json"
-        if done.exists() and json.loads(done.read_text()).get("identity") == identity:
-            results[arm] = json.loads(done.read_text())
+        if (saved := finished(done, identity)) is not None:
+            results[arm] = saved
             log(f"study {arm}: reusing {done}")
             continue
         model, history = encoder_for(p, arm, cache, out / arm, log)
@@ -528,8 +536,8 @@ def run_scaling(p: StudyParams, arms: list[str], fractions: list[float], seeds: 
                             "cell": {"arm": arm, "fraction": None if ARMS[arm] is None else fraction, "seed": seed},
                             "code": code}
                 name = f"{arm}" + ("" if ARMS[arm] is None else f" at {fraction:g}") + f", seed {seed}"
-                if done.exists() and json.loads(done.read_text()).get("identity") == identity:
-                    cells.append(json.loads(done.read_text()))
+                if (saved := finished(done, identity)) is not None:
+                    cells.append(saved)
                     log(f"study {name}: reusing {done}")
                     continue
                 model, history, shapes = arm_encoder(cp, arm, cache, folder, log)

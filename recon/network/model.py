@@ -762,7 +762,7 @@ class ReConPretrain(nn.Module):
             if cfg.architecture == "multitask":   # a light head on the encoder's mask-token rows, no decoder
                 out.update(self._rebuild(tokens[:, tokens.shape[1] - num_mask:], neighborhood, masked))
             else:
-                patches = enc["streams"]["reconstruction"] if cfg.architecture == "two_tower" else tokens[:, 2 + K:]
+                patches = enc["streams"]["reconstruction"] if cfg.architecture == "two_tower" else tokens[:, cfg.num_queries:]
                 out.update(self._reconstruct(patches, neighborhood, center, visible, masked))
         if "img" in cfg.targets and img_target is not None:
             if K == 1 and img_target.ndim == 2 and cfg.img_match == "none":   # ReCon: one query, one view
