@@ -100,11 +100,20 @@ def run_seeds(work: Path, seeds: list[int], fewshot: str, shapes: int) -> None:
                   cache, shapes)
 
 
-def _pretrain_seed(work: Path) -> int:
+def _pretrain_section(work: Path) -> dict:
+    """The work folder's params.yaml ``pretrain`` section (what every pretraining run here used)."""
     import yaml
 
-    section = yaml.safe_load((work / "params.yaml").read_text()).get("pretrain") or {}
-    return int(section.get("seed", 0))
+    return yaml.safe_load((work / "params.yaml").read_text()).get("pretrain") or {}
+
+
+def _pretrain_seed(work: Path) -> int:
+    return int(_pretrain_section(work).get("seed", 0))
+
+
+def _num_group(work: Path) -> int:
+    """The patches per cloud the encoder was pretrained with: fine-tuning keeps them."""
+    return int((_pretrain_section(work).get("model") or {}).get("num_group", 64))
 
 
 def teacher_ceiling(work: Path) -> dict:
@@ -145,17 +154,10 @@ def pretrained_vs_scratch(work: Path, prefix: str, seeds: list[int], task: str, 
 
 
 def run_finetune(work: Path, seeds: list[int], epochs: int, shapes: int) -> None:
-    num_group = int(_pretrain_model(work).get("num_group", 64))   # the patches the encoder was pretrained with
+    num_group = _num_group(work)
     pretrained_vs_scratch(work, "finetune", seeds, "finetune",
                           ["finetune", "--store", str(work / STORE), "--epochs", str(epochs), "--votes", "0",
                            "--set", f"num_group={num_group}"], shapes)
-
-
-def _pretrain_model(work: Path) -> dict:
-    import yaml
-
-    section = yaml.safe_load((work / "params.yaml").read_text()).get("pretrain") or {}
-    return section.get("model") or {}
 
 
 def run_study(work: Path, arms: str, epochs: int, fewshot: str, shapes: int) -> None:
@@ -163,7 +165,7 @@ def run_study(work: Path, arms: str, epochs: int, fewshot: str, shapes: int) -> 
     if (out / "table.md").exists():
         return
     ways, shots, folds, query, fs_epochs = (int(x) for x in fewshot.split(","))
-    num_group = int(_pretrain_model(work).get("num_group", 64))
+    num_group = _num_group(work)
     stage(work, "study", ["study", "--set", f"arms=[{arms}]",
                           "--set", f"stores.real={work / STORE}", "--set", f"out={out}",
                           "--set", "pretrain.baseline_seeds=1",   # the arms' own probes judge them
@@ -189,7 +191,7 @@ def psb_stores(work: Path, psb: Path, shapes: int) -> tuple[Path, Path]:
 
 def run_transfer(work: Path, psb: Path, seeds: list[int], epochs: int, shapes: int) -> None:
     cls_store, _ = psb_stores(work, psb, shapes)
-    num_group = int(_pretrain_model(work).get("num_group", 64))
+    num_group = _num_group(work)
     for seed in seeds:
         cache = seed_cache(work, f"seed-{seed}")
         out = cache / "metrics" / "transfer"
@@ -204,7 +206,7 @@ def run_transfer(work: Path, psb: Path, seeds: list[int], epochs: int, shapes: i
 
 def run_parts(work: Path, psb: Path, seeds: list[int], epochs: int, shapes: int) -> None:
     _, parts_store = psb_stores(work, psb, shapes)
-    num_group = int(_pretrain_model(work).get("num_group", 64))
+    num_group = _num_group(work)
     pretrained_vs_scratch(work, "parts", seeds, "partseg",
                           ["finetune", "--task", "partseg", "--set", f"store={parts_store}", "--set", f"epochs={epochs}",
                            "--set", "n_points=1024", "--set", f"num_group={num_group}", "--set", "group_size=32"], shapes)
