@@ -13,7 +13,9 @@ Steps (``--steps``, in this order; each finished one is kept and skipped on a re
   (seed 0 reuses real_meshes.py's run when its seed is 0) and ``recon evaluate --baseline`` with the
   same seed, so the random-init twin is that run's own starting point: held-out linear SVM (raw and
   standardised) and zero-shot top-1 / top-5 under every BatchNorm treatment, few-shot (``--fewshot``)
-  fine-tuned from each network; the monitor's held-out k-NN against its random-init twins.
+  fine-tuned from each network; the monitor's held-out k-NN against its random-init twins; and the
+  frozen few-shot probe (``--fewshot-probe``: a linear SVM on each episode's support features, every
+  BatchNorm treatment, in ``metrics/fewshot_probe``), few-shot with the same budget for both networks.
 - ``ceiling``: the image teacher's own held-out k-NN and linear SVM on the same split (its clean
   embedding averaged over the rendered views): what distillation could at best transfer.
 - ``finetune``: fine-tuning from each seed's pretraining and from scratch with the same seed
@@ -77,7 +79,14 @@ def fewshot_sets(spec: str) -> list[str]:
             "--set", "fewshot_finetune.votes=0"]
 
 
-def run_seeds(work: Path, seeds: list[int], fewshot: str, shapes: int) -> None:
+def fewshot_probe_sets(spec: str) -> list[str]:
+    """``ways/shots/folds/query`` (ways and shots comma lists) as evaluate's settings."""
+    ways, shots, folds, query = spec.split("/")
+    return ["--set", f"fewshot_ways=[{ways}]", "--set", f"fewshot_shots=[{shots}]", "--set", f"fewshot_folds={folds}",
+            "--set", f"fewshot_query={query}"]
+
+
+def run_seeds(work: Path, seeds: list[int], fewshot: str, probe: str, shapes: int) -> None:
     corpus_run = work / "cache" / "pretrain" / "model.pt"
     for seed in seeds:
         cache = seed_cache(work, f"seed-{seed}")
@@ -97,6 +106,12 @@ def run_seeds(work: Path, seeds: list[int], fewshot: str, shapes: int) -> None:
                   ["evaluate", "--checkpoint", str(ckpt), "--store", str(work / STORE), "--baseline", "--out", str(out),
                    "--set", f"tasks=[svm,zeroshot{'' if fewshot == 'none' else ',fewshot'}]", "--set", f"seed={seed}",
                    *fewshot_sets(fewshot)],
+                  cache, shapes)
+        out = cache / "metrics" / "fewshot_probe"
+        if probe != "none" and not (out / "metrics.json").exists():
+            stage(work, f"fewshot-probe-seed-{seed}",
+                  ["evaluate", "--checkpoint", str(ckpt), "--store", str(work / STORE), "--baseline", "--out", str(out),
+                   "--set", "tasks=[fewshot_probe]", "--set", f"seed={seed}", *fewshot_probe_sets(probe)],
                   cache, shapes)
 
 
@@ -244,6 +259,12 @@ def summarise(work: Path, seeds: list[int]) -> dict:
             for setting, r in (d.get("fewshot") or {}).items():
                 add(f"few-shot {setting}", r.get("mean"), (d.get("random_init", {}).get("fewshot") or {})
                     .get(setting, {}).get("mean"))
+        if (cache / "fewshot_probe" / "details.json").exists():
+            for figure, v in read(cache / "fewshot_probe" / "details.json").get("verdict", {}).items():
+                setting = figure.removeprefix("fewshot_probe_").removesuffix("_standardized")
+                kind = "standardised" if figure.endswith("_standardized") else "raw"
+                add(f"few-shot probe {setting}, {kind} (frozen; random init: strongest BN treatment)",
+                    v["pretrained"], v["random_init"])
         pre = work / "evidence" / f"finetune-pretrained-{seed}" / "cache" / "metrics" / "finetune" / "details.json"
         scratch = work / "evidence" / f"finetune-scratch-{seed}" / "cache" / "metrics" / "finetune" / "details.json"
         if pre.exists() and scratch.exists():
@@ -282,6 +303,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="pretraining seeds")
     parser.add_argument("--fewshot", default="5,10,5,10,10",
                         help="ways,shots,folds,query,fine-tune epochs of evaluate's few-shot; none: no few-shot")
+    parser.add_argument("--fewshot-probe", default="5,10/10,20/10/5",
+                        help="ways/shots/folds/query of the frozen few-shot probe (ways, shots: comma lists); "
+                             "none: no probe")
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--study-arms", default="random_init,rec_only,distill_only,recon_std,reconpp",
                         help="the study's arms (recon.downstream.study.ARMS)")
@@ -302,7 +326,7 @@ def main() -> None:
     report_path = work / "evidence" / "evidence.json"
     report = read(report_path) if report_path.exists() else {}
     if "seeds" in steps:
-        run_seeds(work, seeds, args.fewshot, shapes)
+        run_seeds(work, seeds, args.fewshot, args.fewshot_probe, shapes)
     if "ceiling" in steps:
         report["teacher_ceiling"] = teacher_ceiling(work)
         print("teacher ceiling:", report["teacher_ceiling"], flush=True)
@@ -317,7 +341,7 @@ def main() -> None:
     if "study" in steps:
         run_study(work, args.study_arms, args.study_finetune_epochs, args.study_fewshot, shapes)
     summary = summarise(work, seeds)
-    report.update(seeds=seeds, fewshot=args.fewshot, finetune_epochs=args.finetune_epochs, **summary)
+    report.update(seeds=seeds, fewshot=args.fewshot, fewshot_probe=args.fewshot_probe, finetune_epochs=args.finetune_epochs, **summary)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2))
     text = summary["table"]

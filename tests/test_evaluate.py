@@ -141,6 +141,33 @@ def test_fewshot_tiny_folds(tmp_path):
     assert r["2way2shot"]["mean"] == pytest.approx(np.mean(folds)) and r["2way2shot"]["std"] == pytest.approx(np.std(folds))
 
 
+def test_fewshot_probe_fits_the_support_rows_and_scores_the_episodes_query_rows():
+    """Frozen few-shot: train features that name their class, test features that name it (100 % on
+    every fold, for 2 of 4 classes too: the episode's labels are remapped) or the next class (0 %: the
+    SVM learnt from the support rows, and is scored on the query rows); the episodes are
+    :func:`sample_episode`'s, raw and standardised reported."""
+    classes, per_class = 4, 6
+    labels = np.repeat(np.arange(classes), per_class)
+    data = ClsData(np.zeros((len(labels), 4, 3), np.float32), labels, np.arange(len(labels)).astype(str),
+                   [f"c{i}" for i in range(classes)])
+    rng = np.random.default_rng(0)
+    onehot = np.eye(classes, dtype=np.float32) * 5
+    train_x = onehot[labels] + 0.1 * rng.normal(size=(len(labels), classes))
+    right = {"train": train_x, "test": onehot[labels] + 0.1 * rng.normal(size=(len(labels), classes))}
+    wrong = {"train": train_x, "test": onehot[(labels + 1) % classes]}
+    settings = E.FewshotSettings(ways=[2, 4], shots=[3], folds=3, query=2, seed=0)
+    got = E.fewshot_probe(right, data, data, settings)
+    assert list(got) == ["2way3shot", "4way3shot"]
+    for r in got.values():
+        assert r["folds"] == [100.0] * 3 == r["folds_standardized"] and r["mean"] == 100.0 and r["std"] == 0.0
+    assert E.fewshot_probe(wrong, data, data, E.FewshotSettings([4], [3], 3, 2, 0))["4way3shot"]["folds"] == [0.0] * 3
+    # the rows it reads are the episode's: scramble every other test row and the folds keep their accuracy
+    ep = E.sample_episode(labels, labels, 2, 3, 2, 0, 0)
+    scrambled = {"train": train_x, "test": np.where(np.isin(np.arange(len(labels)), ep.query)[:, None],
+                                                    right["test"], -right["test"])}
+    assert E.fewshot_probe(scrambled, data, data, E.FewshotSettings([2], [3], 1, 2, 0))["2way3shot"]["folds"] == [100.0]
+
+
 def make_blob_store(path, per_class: int = 6, classes: int = K, points: int = 64, seed: int = 0):
     """Train and test shapes that stay distinct after centring and scaling: class c is a blob
     elongated along axis c (any encoder, even at random init, separates them)."""
@@ -254,6 +281,41 @@ def test_random_init_baseline_side_by_side(tmp_path, monkeypatch):
     assert float(bn.running_var.mean()) < 0.5                                  # not the fresh variance of 1
     recalibrated = P.with_batchnorm(P.random_init_like(model, seed=0), "recalibrated", clouds).state_dict()
     assert all(torch.equal(v, recalibrated[k]) for k, v in expected.state_dict().items())
+
+
+def test_evaluate_fewshot_probe_under_every_treatment_with_its_verdict(tmp_path, monkeypatch):
+    """``fewshot_probe`` beside ``svm``: both networks, every BatchNorm treatment, the figures of
+    :func:`fewshot_probe` on the network's own features (the same seeded episodes), a verdict per
+    setting (raw and standardised) and the headline's ``fsp_<w>w<s>s`` with its ``_rand``."""
+    from stages import evaluate as stage
+
+    monkeypatch.setenv("RECON_PARAMS", str(tmp_path / "params.yaml"))
+    store = make_blob_store(tmp_path / "d.zarr", per_class=4)
+    model = tiny_checkpoint(tmp_path / "model.pt", seed=5)
+    metrics = stage.run(stage.params(dict(
+        checkpoint=str(tmp_path / "model.pt"), store=str(store), tasks=["svm", "fewshot_probe"], n_points=32,
+        device="cpu", baseline=True, seed=0, bn_recalibrate=4, fewshot_ways=[2, 3], fewshot_shots=[2],
+        fewshot_folds=3, fewshot_query=2)), tmp_path / "e")
+    train, test = load_classification(store, "train"), load_classification(store, "test")
+    clouds = E.recalibration_clouds(train, 32, True, 4, 0)
+    settings = E.FewshotSettings([2, 3], [2], 3, 2, 0)
+    for net, section in ((model, metrics), (P.random_init_like(model, seed=0), metrics["random_init"])):
+        for treatment in P.BN_TREATMENTS:
+            treated = P.with_batchnorm(net, treatment, clouds)
+            expected = E.fewshot_probe(E.split_features(treated, train, test, 32), train, test, settings)
+            assert section["bn_treatments"][treatment]["fewshot_probe"] == expected, treatment
+    assert metrics["fewshot_probe"] == metrics["bn_treatments"]["saved"]["fewshot_probe"]
+    assert len(metrics["fewshot_probe"]["3way2shot"]["folds"]) == 3
+    v = metrics["verdict"]["fewshot_probe_3way2shot"]
+    assert v["pretrained"] == metrics["fewshot_probe"]["3way2shot"]["mean"]
+    assert v["random_init"] == max(t["fewshot_probe"]["3way2shot"]["mean"]
+                                   for t in metrics["random_init"]["bn_treatments"].values())
+    assert set(metrics["verdict"]) == {"svm", "svm_standardized", "fewshot_probe_2way2shot",
+                                       "fewshot_probe_2way2shot_standardized", "fewshot_probe_3way2shot",
+                                       "fewshot_probe_3way2shot_standardized"}
+    h = stage.headline(metrics)
+    assert h["fsp_3w2s"] == v["pretrained"] and h["fsp_3w2s_rand"] == v["random_init"]
+    assert h["fsp_2w2s_rand"] == metrics["verdict"]["fewshot_probe_2way2shot"]["random_init"]
 
 
 def test_verdict_takes_the_strongest_random_init_treatment(tmp_path, monkeypatch):

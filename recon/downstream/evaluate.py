@@ -9,6 +9,8 @@
   top-5 and per-class accuracy on the test split only.
 - ``fewshot``: n-way k-shot episodes drawn (seeded, class-balanced) from any classification
   store, or read from converted Point-BERT folds; a fine-tune per fold; mean ± std (ddof 0).
+- ``fewshot_probe``: the same sampled episodes on frozen features: a linear SVM fitted on the
+  support shapes, accuracy on the query shapes (raw and standardised); mean ± std (ddof 0).
 """
 
 from __future__ import annotations
@@ -83,18 +85,33 @@ def baseline_batchnorm(model: ReConPretrain, train: ClsData | None, n_points: in
 # ----------------------------------------------------------------------------- SVM
 
 
+def split_features(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int = 1024,
+                   normalize: bool = True, batch: int = 64, device: torch.device | str = "cpu"
+                   ) -> dict[str, np.ndarray]:
+    """The frozen SVM features (``model.svm_features``) of both splits, {"train": [N, 2C], "test": ...}:
+    computed once, shared by the SVM and the few-shot probe."""
+    model.eval().to(device)
+    return {name: batched(model.svm_features, eval_clouds(data, n_points, normalize, device), batch, device)[0]
+            for name, data in (("train", train), ("test", test))}
+
+
+def standardized(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both feature sets standardised by the train rows' statistics (the test rows never leak in)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
 def svm_eval(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int = 1024,
              normalize: bool = True, C: float = SVM_C, batch: int = 64,
-             device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Any]:
-    model.eval().to(device)
-    feats = {name: batched(model.svm_features, eval_clouds(data, n_points, normalize, device), batch, device)[0]
-             for name, data in (("train", train), ("test", test))}
+             device: torch.device | str = "cpu", seed: int = 0,
+             feats: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Linear SVM on the frozen features (``feats`` from :func:`split_features`, computed when None)."""
+    feats = feats if feats is not None else split_features(model, train, test, n_points, normalize, batch, device)
     train_acc, test_acc = svm_accuracy(feats["train"], train.labels, feats["test"], test.labels, C, seed)
     # Also with features standardised by train-split statistics: weakly trained encoders give
     # features with large constant offsets and tiny spread, which the raw protocol underfits.
-    mean, std = feats["train"].mean(0), feats["train"].std(0) + 1e-6
-    std_train, std_test = svm_accuracy((feats["train"] - mean) / std, train.labels,
-                                       (feats["test"] - mean) / std, test.labels, C, seed)
+    train_std, test_std = standardized(feats["train"], feats["test"])
+    std_train, std_test = svm_accuracy(train_std, train.labels, test_std, test.labels, C, seed)
     return {"train_acc": train_acc, "test_acc": test_acc,
             "train_acc_standardized": std_train, "test_acc_standardized": std_test,
             "C": C, "feature_dim": int(feats["train"].shape[1]),
@@ -226,6 +243,31 @@ def fewshot_eval(train: ClsData, test: ClsData, settings: FewshotSettings, param
                 accs.append(r.metrics["test_acc"])
                 log(f"fewshot {way}-way {shot}-shot fold {fold}: {accs[-1]:.2f}%")
             results[f"{way}way{shot}shot"] = _summary(accs)
+    return results
+
+
+def fewshot_probe(feats: dict[str, np.ndarray], train: ClsData, test: ClsData, settings: FewshotSettings,
+                  C: float = SVM_C) -> dict[str, Any]:
+    """Few-shot on frozen features: per episode (the same seeded episodes as :func:`fewshot_eval`) a
+    ``LinearSVC(C)`` fitted on the support rows' features (``feats`` from :func:`split_features`),
+    accuracy on the query rows; raw and standardised by the support rows' statistics. No training of
+    the encoder, so a network at random init is measured as it is, not by how far a short fine-tune
+    moves it: ``{'5way10shot': {mean, std, folds, mean_standardized, std_standardized,
+    folds_standardized}, ...}``."""
+    results = {}
+    for way in settings.ways:
+        for shot in settings.shots:
+            raw, std = [], []
+            for fold in range(settings.folds):
+                ep = sample_episode(train.labels, test.labels, way, shot, settings.query, settings.seed, fold)
+                ep_train, ep_test = episode_data(train, test, ep)
+                support, query = feats["train"][ep.support], feats["test"][ep.query]
+                raw.append(svm_accuracy(support, ep_train.labels, query, ep_test.labels, C, settings.seed + fold)[1])
+                support_std, query_std = standardized(support, query)
+                std.append(svm_accuracy(support_std, ep_train.labels, query_std, ep_test.labels, C,
+                                        settings.seed + fold)[1])
+            s = _summary(std)
+            results[f"{way}way{shot}shot"] = {**_summary(raw), **{f"{k}_standardized": v for k, v in s.items()}}
     return results
 
 
