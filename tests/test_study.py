@@ -114,12 +114,21 @@ def test_every_arm_under_every_bn_treatment_and_the_verdict(study):
             assert v["random_init"] == max(b[key] for b in baseline.values())
             assert baseline[v["random_init_treatment"]][key] == v["random_init"]
     # recomputed: the random-init arm under every treatment (recalibrated on the store's seeded train clouds)
+    from recon.downstream.evaluate import FewshotSettings
     from recon.downstream.study import StudyParams, encoder_for
     p = StudyParams(pretrain=summary["arms"]["random_init"]["params"], device="cpu")
     model, _ = encoder_for(p, "random_init", root / "cache", root / "unused")
     train, test = load_classification(store, "train"), load_classification(store, "test")
-    again = frozen_probes(model, train, test, 256, 5, 0, "cpu", list(BN_TREATMENTS), p.bn_recalibrate)
+    fewshot = json.loads((root / "study" / "results.json").read_text())["fewshot"]
+    settings = FewshotSettings(**{**fewshot, "seed": fewshot.get("seed", 0)})
+    again = frozen_probes(model, train, test, 256, 5, 0, "cpu", list(BN_TREATMENTS), p.bn_recalibrate, settings)
     assert again == baseline
+    # the few-shot probe: the fine-tuned few-shot's episodes on frozen features, a figure with its verdict
+    for treatment in baseline.values():
+        assert treatment["fsp"] == np.mean([r["mean"] for r in treatment["fewshot_probe"].values()])
+        assert list(treatment["fewshot_probe"]) == list(summary["arms"]["random_init"]["stores"]["demo"]["fewshot"])
+    assert all(set(v) == {"knn", "svm", "svm_std", "fsp"} for v in summary["verdict"]["demo"].values())
+    assert "| few-shot probe |" in (root / "study" / "table.md").read_text().splitlines()[0]
 
 
 def test_a_rerun_reuses_finished_arms(study):

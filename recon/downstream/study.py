@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from recon.downstream.cls_data import ClsData, eval_clouds, load_classification
-from recon.downstream.evaluate import FewshotSettings, fewshot_eval, recalibration_clouds
+from recon.downstream.evaluate import FewshotSettings, fewshot_eval, fewshot_probe, recalibration_clouds
 from recon.downstream.finetune import finetune
 from recon.downstream.recipes import FinetuneParams
 from recon.downstream.weights import InitSource
@@ -260,8 +260,12 @@ def arm_encoder(p: StudyParams, arm: str, cache: Path, out: Path,
 
 @torch.no_grad()
 def frozen_probe(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int, k: int, seed: int,
-                 device) -> dict[str, float]:
-    """k-NN on the 4C features and the linear SVM (raw, standardised) on the 2C features, in %."""
+                 device, fewshot: FewshotSettings | None = None) -> dict[str, Any]:
+    """k-NN on the 4C features and the linear SVM (raw, standardised) on the 2C features, in %; with
+    ``fewshot`` also the few-shot probe on the same 2C features (:func:`fewshot_probe`: a linear SVM per
+    episode; ``fsp`` is its mean over every setting, raw features), unless the store is too small for
+    the episodes. The probe needs no training, so random init is measured as it is, not by how far a
+    short fine-tune moves it (the fine-tuned few-shot left it at chance)."""
     model.eval().to(device)
 
     def both(x):
@@ -272,23 +276,38 @@ def frozen_probe(model: ReConPretrain, train: ClsData, test: ClsData, n_points: 
                                           for d in (train, test))
     k = k if np.bincount(train.labels).min() >= k else 1
     mean, std = svm_tr.mean(0), svm_tr.std(0) + 1e-6
-    return {"knn": 100 * knn_probe(knn_tr, train.labels, knn_te, test.labels, k), "knn_k": k,
-            "svm": svm_accuracy(svm_tr, train.labels, svm_te, test.labels, seed=seed)[1],
-            "svm_std": svm_accuracy((svm_tr - mean) / std, train.labels, (svm_te - mean) / std, test.labels,
-                                    seed=seed)[1]}
+    found = {"knn": 100 * knn_probe(knn_tr, train.labels, knn_te, test.labels, k), "knn_k": k,
+             "svm": svm_accuracy(svm_tr, train.labels, svm_te, test.labels, seed=seed)[1],
+             "svm_std": svm_accuracy((svm_tr - mean) / std, train.labels, (svm_te - mean) / std, test.labels,
+                                     seed=seed)[1]}
+    if fewshot is not None:
+        try:
+            found["fewshot_probe"] = fewshot_probe({"train": svm_tr, "test": svm_te}, train, test, fewshot)
+            found[FEWSHOT_PROBE_KEY] = float(np.mean([r["mean"] for r in found["fewshot_probe"].values()]))
+        except ValueError:   # too few shapes per class for the episodes: the fine-tuned few-shot says why
+            pass
+    return found
 
 
 PROBE_KEYS = ("knn", "svm", "svm_std")
+#: the few-shot probe's figure, beside :data:`PROBE_KEYS` where the study runs few-shot and the store allows it
+FEWSHOT_PROBE_KEY = "fsp"
+
+
+def probe_keys(*figures: dict) -> list[str]:
+    """:data:`PROBE_KEYS`, and the few-shot probe's where every one of ``figures`` has it."""
+    return [*PROBE_KEYS, *([FEWSHOT_PROBE_KEY] if all(FEWSHOT_PROBE_KEY in f for f in figures) else [])]
 
 
 def frozen_probes(model: ReConPretrain, train: ClsData, test: ClsData, n_points: int, k: int, seed: int, device,
-                  treatments: list[str], recalibrate: int) -> dict[str, dict[str, float]]:
+                  treatments: list[str], recalibrate: int, fewshot: FewshotSettings | None = None
+                  ) -> dict[str, dict[str, Any]]:
     """:func:`frozen_probe` under every BatchNorm treatment ({treatment: probe}); ``recalibrated``
     re-estimates the statistics on ``recalibrate`` train clouds (a seeded choice, evaluation inputs)."""
     clouds = recalibration_clouds(train, n_points, True, recalibrate, seed, device) if "recalibrated" in treatments \
         else None
     return per_treatment(model.to(device), check_treatments(treatments), clouds,
-                         lambda net: frozen_probe(net, train, test, n_points, k, seed, device))
+                         lambda net: frozen_probe(net, train, test, n_points, k, seed, device, fewshot))
 
 
 def verdicts(arms: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +319,8 @@ def verdicts(arms: dict[str, Any]) -> dict[str, Any]:
     baseline = arms["random_init"]["stores"]
     return {store: {arm: {key: verdict({t: f[key] for t, f in r["stores"][store]["bn_treatments"].items()},
                                        {t: f[key] for t, f in baseline[store]["bn_treatments"].items()})
-                          for key in PROBE_KEYS}
+                          for key in probe_keys(*r["stores"][store]["bn_treatments"].values(),
+                                                *baseline[store]["bn_treatments"].values())}
                     for arm, r in arms.items() if arm != "random_init"}
             for store in baseline}
 
@@ -318,10 +338,12 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
     device = pick_device(p.device)
     init = InitSource(model.state_dict(), trainstate.jsonable(model.cfg), f"study arm {arm}")
     pp = arm_params(p, arm)
+    # the episodes of the few-shot fine-tunes, which the frozen few-shot probe reads too
+    settings = FewshotSettings(**{**p.fewshot, "seed": p.fewshot.get("seed", p.seed)}) if fewshot else None
     result: dict[str, Any] = {}
     for name, (train_set, test_set) in data.items():
         treated = frozen_probes(model, train_set, test_set, pp.n_points, p.knn_k, p.seed, device, p.bn_treatments,
-                                p.bn_recalibrate)
+                                p.bn_recalibrate, settings)
         r = {**treated["saved"], "bn_treatments": treated}     # the arm's figures: its statistics as saved
         if finetuned:
             ft = FinetuneParams(**{"device": p.device, **p.finetune})
@@ -330,12 +352,12 @@ def evaluate_arm(p: StudyParams, model: ReConPretrain, arm: str, data: dict[str,
             r["finetune"] = mean_std(accs)
         if fewshot:
             fs = FinetuneParams(**{"device": p.device, **p.fewshot_finetune})
-            settings = FewshotSettings(**{**p.fewshot, "seed": p.fewshot.get("seed", p.seed)})   # fewshot.seed wins
             try:
                 r["fewshot"] = fewshot_eval(train_set, test_set, settings, fs, init, log=lambda *_: None)
             except ValueError as err:   # too few shapes per class for the episode
                 r["fewshot"] = {"skipped": str(err)}
         log(f"study {arm} on {name}: k-NN {r['knn']:.1f}, SVM {r['svm']:.1f} / {r['svm_std']:.1f} standardised"
+            + (f", few-shot probe {r[FEWSHOT_PROBE_KEY]:.1f}" if FEWSHOT_PROBE_KEY in r else "")
             + (f", fine-tune {r['finetune']['mean']:.1f} ± {r['finetune']['std']:.1f}" if finetuned else ""))
         result[name] = r
     return result
@@ -388,6 +410,10 @@ def run_study(p: StudyParams, cache: Path, out: Path, log=print) -> dict[str, An
     return summary
 
 
+def _figure(figures: dict, key: str) -> str:
+    return f"{figures[key]:.1f}" if key in figures else "–"
+
+
 def _pm(entry: dict | None) -> str:
     if not entry or "mean" not in entry:
         return "–"
@@ -413,15 +439,15 @@ def table(summary: dict) -> str:
     verdicts and the parameter counts."""
     preset = summary.get("preset")
     paper = paper_columns(preset)
-    lines = ["| store | arm | k-NN | SVM raw | SVM std. | few-shot | fine-tune |" + "".join(f" {c} |" for c in paper),
-             "|---|---|---|---|---|---|---|" + "---|" * len(paper)]
+    lines = ["| store | arm | k-NN | SVM raw | SVM std. | few-shot probe | few-shot | fine-tune |"
+             + "".join(f" {c} |" for c in paper), "|---|---|---|---|---|---|---|---|" + "---|" * len(paper)]
     stores = list(next(iter(summary["arms"].values()))["stores"]) if summary["arms"] else []
     for store in stores:
         for arm, r in summary["arms"].items():
             s = r["stores"][store]
             fewshot = "; ".join(f"{k} {_pm(v)}" for k, v in s["fewshot"].items() if isinstance(v, dict)) or "–"
             lines.append(f"| {store} | {LABELS.get(arm, arm)} | {s['knn']:.1f} (k={s['knn_k']}) | {s['svm']:.1f} | "
-                         f"{s['svm_std']:.1f} | {fewshot} | {_pm(s['finetune'])} |"
+                         f"{s['svm_std']:.1f} | {_figure(s, FEWSHOT_PROBE_KEY)} | {fewshot} | {_pm(s['finetune'])} |"
                          + "".join(f" {c} |" for c in paper_cells(preset, arm)))
     if preset:
         lines += ["", f"The paper columns are the paper's own figures (ReCon, ICML 2023, {PAPER[preset]['source']}: "
@@ -430,18 +456,19 @@ def table(summary: dict) -> str:
                   "effect, never as a target."]
     lines += ["", "Frozen probes per BatchNorm treatment (saved: as the arm ends; reset: mean 0, variance 1; "
               "recalibrated: on the store's train clouds):", "",
-              "| store | arm | BatchNorm | k-NN | SVM raw | SVM std. |", "|---|---|---|---|---|---|"]
+              "| store | arm | BatchNorm | k-NN | SVM raw | SVM std. | few-shot probe |", "|---|---|---|---|---|---|---|"]
     for store in stores:
         for arm, r in summary["arms"].items():
             for t, s in r["stores"][store].get("bn_treatments", {}).items():
                 lines.append(f"| {store} | {LABELS.get(arm, arm)} | {t} | {s['knn']:.1f} | {s['svm']:.1f} | "
-                             f"{s['svm_std']:.1f} |")
+                             f"{s['svm_std']:.1f} | {_figure(s, FEWSHOT_PROBE_KEY)} |")
     if summary.get("verdict"):
         lines += ["", "Verdict: the arm as saved minus the strongest random-init treatment (named):", "",
-                  "| store | arm | k-NN | SVM raw | SVM std. |", "|---|---|---|---|---|"]
+                  "| store | arm | k-NN | SVM raw | SVM std. | few-shot probe |", "|---|---|---|---|---|---|"]
         for store, arms in summary["verdict"].items():
             for arm, v in arms.items():
-                cells = " | ".join(f"{v[k]['margin']:+.1f} ({v[k]['random_init_treatment']})" for k in PROBE_KEYS)
+                cells = " | ".join(f"{v[k]['margin']:+.1f} ({v[k]['random_init_treatment']})" if k in v else "–"
+                                   for k in (*PROBE_KEYS, FEWSHOT_PROBE_KEY))
                 lines.append(f"| {store} | {LABELS.get(arm, arm)} | {cells} |")
     lines += ["", "Parameters per arm (encoder: what the probes read and fine-tuning trains, its head aside; "
               "pretraining: the whole pretraining network):", "",
