@@ -341,7 +341,8 @@ def main() -> None:
     if "study" in steps:
         run_study(work, args.study_arms, args.study_finetune_epochs, args.study_fewshot, shapes)
     summary = summarise(work, seeds)
-    report.update(seeds=seeds, fewshot=args.fewshot, fewshot_probe=args.fewshot_probe, finetune_epochs=args.finetune_epochs, **summary)
+    report.update(seeds=seeds, fewshot=args.fewshot, fewshot_probe=args.fewshot_probe,
+                  finetune_epochs=args.finetune_epochs, **summary)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2))
     text = summary["table"]

@@ -80,8 +80,9 @@ def headline(details: dict) -> dict:
     """The figures compared across experiments (``metrics.json``), for the checkpoint and, with
     ``baseline``, for its network at random init (suffix ``_rand``): the SVM's held-out accuracy
     (raw features), zero-shot top-1, and the few-shot mean (``fs_5w10s`` for 5way10shot) and std
-    (``_sd``) of each setting, and the few-shot probe's mean (``fsp_5w10s``, raw features). The checkpoint's probe figures are its BatchNorm statistics as saved; a probe's
-    ``*_rand`` is the strongest random-init variant, the max over BatchNorm treatments
+    (``_sd``) of each setting, and the few-shot probe's mean (``fsp_5w10s``, raw features). The
+    checkpoint's probe figures are its BatchNorm statistics as saved; a probe's ``*_rand`` is the
+    strongest random-init variant, the max over BatchNorm treatments
     (``verdict``; details written before the treatments: the recalibrated baseline of
     ``random_init``). Everything else stays in ``details.json``."""
     found: dict = {}
@@ -121,8 +122,9 @@ class EvaluateParams:
     batch: int = 64                               # clouds per forward
     seed: int = 0                                 # episodes, subsets and the baseline's init
     baseline: bool = False                        # also evaluate the same network at random init (seed)
-    #: BatchNorm treatments every network's frozen probes (svm, zeroshot, fewshot_probe) run under (saved | reset | recalibrated; saved is
-    #: required): the statistics alone moved a linear probe by up to 7 points, so they are a controlled variable
+    #: BatchNorm treatments every network's frozen probes (svm, zeroshot, fewshot_probe) run under (saved | reset |
+    #: recalibrated; saved is required): the statistics alone moved a linear probe by up to 7 points, so they are
+    #: a controlled variable
     bn_treatments: list[str] = field(default_factory=lambda: list(BN_TREATMENTS))
     bn_recalibrate: int = 256                     # train clouds (seeded) of the recalibrated treatment; 0: none
     out: str | None = None                        # folder of metrics.json; None = <cache>/evaluate

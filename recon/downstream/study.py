@@ -456,7 +456,8 @@ def table(summary: dict) -> str:
                   "effect, never as a target."]
     lines += ["", "Frozen probes per BatchNorm treatment (saved: as the arm ends; reset: mean 0, variance 1; "
               "recalibrated: on the store's train clouds):", "",
-              "| store | arm | BatchNorm | k-NN | SVM raw | SVM std. | few-shot probe |", "|---|---|---|---|---|---|---|"]
+              "| store | arm | BatchNorm | k-NN | SVM raw | SVM std. | few-shot probe |",
+              "|---|---|---|---|---|---|---|"]
     for store in stores:
         for arm, r in summary["arms"].items():
             for t, s in r["stores"][store].get("bn_treatments", {}).items():
