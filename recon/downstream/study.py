@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from recon.downstream.cls_data import ClsData, eval_clouds, load_classification
-from recon.downstream.evaluate import FewshotSettings, fewshot_eval, fewshot_probe, recalibration_clouds
+from recon.downstream.evaluate import (
+    FewshotSettings,
+    fewshot_eval,
+    fewshot_probe,
+    recalibration_clouds,
+    standardized,
+)
 from recon.downstream.finetune import finetune
 from recon.downstream.recipes import FinetuneParams
 from recon.downstream.weights import InitSource
@@ -275,11 +281,10 @@ def frozen_probe(model: ReConPretrain, train: ClsData, test: ClsData, n_points: 
     (knn_tr, svm_tr), (knn_te, svm_te) = (batched(both, eval_clouds(d, n_points, True, device), 64, device)
                                           for d in (train, test))
     k = k if np.bincount(train.labels).min() >= k else 1
-    mean, std = svm_tr.mean(0), svm_tr.std(0) + 1e-6
+    svm_tr_std, svm_te_std = standardized(svm_tr, svm_te)
     found = {"knn": 100 * knn_probe(knn_tr, train.labels, knn_te, test.labels, k), "knn_k": k,
              "svm": svm_accuracy(svm_tr, train.labels, svm_te, test.labels, seed=seed)[1],
-             "svm_std": svm_accuracy((svm_tr - mean) / std, train.labels, (svm_te - mean) / std, test.labels,
-                                     seed=seed)[1]}
+             "svm_std": svm_accuracy(svm_tr_std, train.labels, svm_te_std, test.labels, seed=seed)[1]}
     if fewshot is not None:
         try:
             found["fewshot_probe"] = fewshot_probe({"train": svm_tr, "test": svm_te}, train, test, fewshot)
