@@ -4,7 +4,7 @@ and of ModelNet40 files when given (``modelnet40_root``, converted once into the
 
 Every arm pretrains with the ``pretrain`` section of params.yaml (the demo's budget) plus
 ``study.pretrain``; ``quick`` shrinks everything to a smoke run (the tests use it). ``preset`` (table4 |
-table5 | table6 | table9 | table14) runs the arms of that paper table into ``<out>/<preset>``, its
+table5 | table6 | table9 | table14 | table16) runs the arms of that paper table into ``<out>/<preset>``, its
 table.md with the paper's figures beside ours (docs/studies.md). ``fractions`` (or the preset ``fig1a``) makes it
 a data-scaling study: every arm at every pretraining fraction and seed, scaling.{json,md,png} instead of the table.
 """

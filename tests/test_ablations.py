@@ -16,7 +16,7 @@ from recon.downstream.study import ARMS, PRESETS, StudyParams, arm_params
 from recon.network import losses as L
 from recon.network.model import ReConClassifier, ReConConfig, ReConPretrain, head_input, svm_input
 from recon.pretraining.data import PretrainDataset, image_partners, open_pretrain_stores
-from recon.pretraining.trainer import PretrainParams, build_model
+from recon.pretraining.trainer import PretrainParams, build_model, pretrain_optimizer
 
 TINY = {"trans_dim": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1, "decoder_num_heads": 2, "num_group": 16,
         "group_size": 8}
@@ -42,6 +42,8 @@ EXPECTED = {
     "two_tower": {"architecture": "two_tower", "stop_grad": False},
     "smc_only": {"targets": ["smc"], "architecture": "multitask", "stop_grad": False},
     "cmc_only": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False},
+    **{f"cmc_lr_{rate}": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False,
+                          "lr": float(rate), "query_lr_scale": 1.0} for rate in ("5e-5", "1e-4", "5e-4", "1e-3")},
 }
 
 
@@ -93,6 +95,22 @@ def test_metric_arms_choose_the_distillation_loss():
     assert losses["metric_l2"] == pytest.approx(4.0, rel=1e-5)
     assert losses["metric_cosine"] == pytest.approx(float(L.cosine_loss(proj, proj + 2.0)), rel=1e-4)
     assert losses["metric_infonce"] == pytest.approx(float(L.infonce_loss(proj, proj + 2.0, 0.1)), rel=1e-4)
+
+
+
+def test_the_table16_arms_train_the_whole_network_at_their_rate():
+    """Table 16 sets one learning rate for the whole cross-modal contrastive network: every parameter
+    group of the optimizer starts at the arm's rate, where the shared pretraining's split rates (the patch
+    side at lr, the distillation side at query_lr_scale × lr) would give two."""
+    shared = study(lr=2e-5, query_lr_scale=25)
+    assert PRESETS["table16"] == ["random_init", "cmc_lr_5e-5", "cmc_lr_1e-4", "cmc_lr_5e-4", "cmc_lr_1e-3"]
+    for arm, rate in (("cmc_lr_5e-5", 5e-5), ("cmc_lr_1e-4", 1e-4), ("cmc_lr_5e-4", 5e-4), ("cmc_lr_1e-3", 1e-3)):
+        p = arm_params(shared, arm)
+        optimizer = pretrain_optimizer(build_model(p, 24, 20), p)
+        assert {group["lr"] for group in optimizer.param_groups} == {rate}, arm
+    p = arm_params(shared, "cmc_only")   # the demo's split rates, for contrast
+    rates = {group["lr"] for group in pretrain_optimizer(build_model(p, 24, 20), p).param_groups}
+    assert sorted(rates) == pytest.approx([2e-5, 5e-4])
 
 
 # ----------------------------------------------------------------------------- unpaired images

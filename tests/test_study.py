@@ -235,6 +235,7 @@ def test_the_paper_figures_are_the_papers(shared):
                    "two_tower": ["two-tower network", check, check], "targets_smc": ["ReCon + SMC", cross, cross],
                    "targets_all": ["ReCon + CMC", check, check]},
         "table14": {"images_unpaired": ["no"], "images_paired": ["yes"]},
+        "table16": {f"cmc_lr_{rate}": [rate] for rate in ("5e-5", "1e-4", "5e-4", "1e-3")},
     }
     assert set(PAPER) == set(PRESETS) == set(rows)
     for preset, figures in PAPER.items():

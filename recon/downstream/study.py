@@ -5,7 +5,7 @@ overrides of :data:`ARMS`): random init (no pretraining), reconstruction only (P
 only, full ReCon on raw or standardised targets, and one arm per row of the paper's ablation tables
 (targets, Table 4; the distillation metric, Table 5; stop-gradient, Table 6; the vanilla multi-task and
 two-tower baselines and the single-modal / cross-modal contrastive-only networks, Table 9; paired vs
-unpaired teacher images, Table 14). A preset (:data:`PRESETS`, ``recon study --preset table4``) picks
+unpaired teacher images, Table 14; the cross-modal contrastive network's learning rate, Table 16). A preset (:data:`PRESETS`, ``recon study --preset table4``) picks
 the arms of one table, and its table.md prints the paper's own figures (:data:`PAPER`) beside ours.
 Each encoder is evaluated on the held-out (test) split of every downstream store by
 
@@ -104,6 +104,10 @@ ARMS: dict[str, dict | None] = {
     "two_tower": {**RECON, "architecture": "two_tower", "stop_grad": False},
     "smc_only": {"targets": ["smc"], "architecture": "multitask", "stop_grad": False},
     "cmc_only": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False},
+    # Table 16: the pretraining learning rate of that cross-modal contrastive model, one rate for the whole
+    # network (query_lr_scale 1), the paper's four values
+    **{f"cmc_lr_{rate}": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False,
+                          "lr": float(rate), "query_lr_scale": 1} for rate in ("5e-5", "1e-4", "5e-4", "1e-3")},
     # ReCon++ (docs/reconpp.md): one image query per cached view, matched per shape; reconpp also in two stages
     "reconpp_matched": {**RECON, "queries_per_view": True, "match": "hungarian"},
     "reconpp": {**RECON, "queries_per_view": True, "match": "hungarian"},
@@ -122,6 +126,7 @@ LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-
           "images_paired": "paired images (ReCon)", "images_unpaired": "unpaired images (same category)",
           "multitask": "vanilla multi-task", "two_tower": "two-tower network",
           "smc_only": "SMC only (plain Transformer)", "cmc_only": "CMC only (plain Transformer)",
+          **{f"cmc_lr_{rate}": f"CMC only, learning rate {rate}" for rate in ("5e-5", "1e-4", "5e-4", "1e-3")},
           "reconpp_matched": "ReCon++ queries: one per view, Hungarian-matched",
           "reconpp": "ReCon++: matched queries + reconstruction-first stage"}
 
@@ -133,6 +138,7 @@ PRESETS: dict[str, list[str]] = {
     "table9": ["random_init", "smc_only", "cmc_only", "targets_rec", "multitask", "two_tower", "targets_smc",
                "targets_all"],
     "table14": ["random_init", "images_paired", "images_unpaired"],
+    "table16": ["random_init", "cmc_lr_5e-5", "cmc_lr_1e-4", "cmc_lr_5e-4", "cmc_lr_1e-3"],
 }
 #: The paper's own figures per preset (ReCon, ICML 2023), copied from PAPER_RESULTS.md of the shared folder
 #: beside the clone (``../shared``; the tables named in ``source``; tests/test_study.py checks the copy against
@@ -158,6 +164,10 @@ PAPER: dict[str, dict] = {
     "table14": {"source": "Table 14 (paired vs unpaired images)",
                 "columns": ["ScanObjectNN PB_T50_RS", "ModelNet40", "ModelNet40 zero-shot (train+test)"],
                 "arms": {"images_paired": ["90.63", "94.5", "66.8"], "images_unpaired": ["90.22", "93.8", "60.4"]}},
+    "table16": {"source": "Table 16 (pretraining learning rate, cross-modal contrastive, no reconstruction)",
+                "columns": ["ScanObjectNN PB_T50_RS", "ModelNet40"],
+                "arms": {"cmc_lr_5e-5": ["85.11", "92.1"], "cmc_lr_1e-4": ["86.49", "92.4"],
+                         "cmc_lr_5e-4": ["82.48", "90.3"], "cmc_lr_1e-3": ["67.45", "86.3"]}},
 }
 #: data-scaling presets (``recon study --preset fig1a``): the arms, pretraining fractions and seeds of one of the
 #: paper's scaling figures. Fig. 1(a) compares generative (masked point modelling: ``targets_rec``), contrastive
@@ -189,7 +199,7 @@ class StudyParams:
     #: recon_std | recon_reference | targets_* | metric_* | stopgrad_* | images_* | multitask | two_tower | ...
     arms: list[str] = field(default_factory=lambda: ["random_init", "rec_only", "distill_only", "recon_raw",
                                                      "recon_std"])
-    #: table4 | table5 | table6 | table9 | table14: the arms of that paper table (instead of arms), and the
+    #: table4 | table5 | table6 | table9 | table14 | table16: the arms of that paper table (instead of arms), and the
     #: paper's own figures beside ours in table.md; fig1a: data scaling (its arms, fractions and seeds); null: arms
     preset: str | None = None
     #: data scaling (Fig. 1(a)): pretraining fractions in (0, 1] every arm runs at, with every fraction seed

@@ -165,6 +165,12 @@ def check_cuda_graph(p: PretrainParams, d: Dist) -> None:
         raise ValueError("cuda_graph replays one objective; with rec_epochs > 0 the step changes at the stage boundary")
 
 
+def pretrain_optimizer(model: torch.nn.Module, p: PretrainParams) -> torch.optim.AdamW:
+    """AdamW with the reference parameter groups: the distillation side (:data:`QUERY_SIDE`) at
+    ``query_lr_scale`` × ``lr``, the rest at ``lr`` (one group of rates when the scale is 1)."""
+    return adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
+
+
 def train(p: PretrainParams, cache: Path, out: Path, progress_factory=None,
           log=print) -> dict[str, Any]:
     """Pretrain; returns the final metrics. Checkpoints go to ``out/checkpoints``, per-epoch
@@ -235,8 +241,8 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
                                   p.monitor_shapes, p.seed, device=d.device, baseline_seeds=p.baseline_seeds,
                                   bn_treatments=p.monitor_bn_treatments, bn_clouds=p.monitor_bn_clouds)
-    def new_optimizer() -> torch.optim.Optimizer:   # AdamW, the distillation side at query_lr_scale × lr
-        return adamw(model, p.weight_decay, p.lr, QUERY_SIDE if p.query_lr_scale != 1.0 else (), p.query_lr_scale)
+    def new_optimizer() -> torch.optim.Optimizer:
+        return pretrain_optimizer(model, p)
 
     optimizer = new_optimizer()
     ckpt_dir = out / "checkpoints"
