@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import layout
-from recon.downstream.study import StudyParams, run_study, scaling_grid
+from recon.downstream.study import FEWSHOT_PROBE_KEY, PROBE_KEYS, StudyParams, run_study, scaling_grid
 from recon.pretraining.trainer import PretrainParams
-from stages.common import StageError, cache_dir, console
+from recon.runtime import trainstate
+from stages.common import StageError, cache_dir, check_headline, console, metrics_dir, publish, write_metrics
 from stages.params import build_params
 
 #: a smoke run: a few steps of a small student, one fine-tune epoch, one few-shot fold
@@ -39,7 +40,7 @@ class StudyStageParams(StudyParams):
     demo_store: str = layout.default(layout.DEMO_STORE)  # the demo's classification store (held out: its test split)
     modelnet40_root: str | None = None      # modelnet40_normal_resampled files, converted once (test split held out)
     modelnet40_points: int = 1024           # points per converted ModelNet40 shape
-    quick: bool = False                     # a smoke run: tiny student, a few steps (out gets -quick)
+    quick: bool = False                     # a smoke run: tiny student, a few steps (default out: cache/study/quick)
 
 
 def params(overrides: dict | None = None, sets: list[str] | None = None) -> StudyStageParams:
@@ -51,9 +52,9 @@ def study_params(p: StudyStageParams, stores: dict[str, str]) -> StudyParams:
     pretrain = dataclasses.asdict(build_params(PretrainParams, "pretrain"))
     values = {f.name: getattr(p, f.name) for f in dataclasses.fields(StudyParams)}
     values.update(pretrain={**pretrain, **p.pretrain}, stores=stores)
-    if p.quick:
+    if p.quick:   # the smoke run's small student and budget; what study.pretrain sets still wins
         values.update({k: v for k, v in QUICK.items() if k != "pretrain"})
-        values["pretrain"] = {**values["pretrain"], **QUICK["pretrain"]}
+        values["pretrain"] = {**pretrain, **QUICK["pretrain"], **p.pretrain}
     return StudyParams(**values)
 
 
@@ -61,7 +62,7 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
     cache = cache or cache_dir()
     out = Path(p.out)
     if p.quick and p.out == StudyStageParams.out:   # a smoke run never replaces the real study's table
-        out = out.with_name(out.name + "-quick")
+        out = out / "quick"
     converted = out                                  # ModelNet40 files, converted once for every preset
     if p.preset:                                     # each paper table in a folder of its own
         out = out / p.preset
@@ -81,6 +82,42 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
     sp = study_params(p, stores)
     summary = run_study(sp, cache, out, log=console.print)
     table, figure = ("scaling.md", "scaling.png") if scaling_grid(sp)[0] else ("table.md", "probe_vs_epochs.png")
-    console.print(f"[green]study: done → {out / table}, {out / figure}[/]")
+    # the study's own folder (DVC's `dvc exp run stages/studies/dvc.yaml`): its headline, details, table and
+    # plot git-tracked in cache/metrics/study, so each experiment carries what it ran; another --out: the
+    # headline beside its table
+    figures = headline(summary, p.quick)
+    if p.out == StudyStageParams.out:
+        results = metrics_dir(Path(StudyStageParams.out))
+        write_metrics(results / "metrics.json", summary, figures)
+        publish(out / table, results / "table.md")
+        publish(out / figure, results / "plot.png")
+    else:
+        results = out
+        trainstate.write_json(results / "metrics.json", check_headline(figures))
+    console.print(f"[green]study: done → {out / table}, {out / figure}; headline {results / 'metrics.json'}[/]")
     console.print((out / table).read_text())
     return summary
+
+
+def headline(summary: dict, quick: bool = False) -> dict:
+    """The flat numbers `dvc exp show` compares (``metrics.json``; everything else in details.json), per
+    store and arm (``demo.targets_all.knn``): the frozen probes with the statistics as saved (``knn``,
+    ``svm``, ``svm_std``, the few-shot probe ``fsp``), the fine-tunes' mean and std (``ft``, ``ft_sd``). A
+    scaling study: per store, arm and fraction (``demo.targets_all.p25.knn`` for 25 %) each figure's mean over
+    the seeds, random init's without a fraction. ``quick``: 1 for a smoke run."""
+    found: dict = {"quick": int(quick)}
+    if "series" in summary:                          # data scaling
+        for store, figures in summary["series"].items():
+            for metric, arms in figures.items():
+                for arm, line in arms.items():
+                    found.update({f"{store}.{arm}.p{100 * f:g}.{metric}": m
+                                  for f, m in zip(line["fractions"], line["mean"])})
+            found.update({f"{store}.random_init.{metric}": v["mean"]
+                          for metric, v in summary["random_init"][store].items()})
+        return found
+    for arm, record in summary["arms"].items():
+        for store, r in record["stores"].items():
+            figures = {key: r.get(key) for key in (*PROBE_KEYS, FEWSHOT_PROBE_KEY)}
+            figures.update(ft=(r.get("finetune") or {}).get("mean"), ft_sd=(r.get("finetune") or {}).get("std"))
+            found.update({f"{store}.{arm}.{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
+    return found

@@ -419,6 +419,15 @@ def test_a_scaling_study_plots_mean_and_spread_per_arm(scaling_study):
     table = (root / "scaling" / "scaling.md").read_text().split("\n\n")[0].splitlines()
     assert table[0] == "| store | figure | arm | 50 % | 100 % |" and table[2] == "| | | pretraining shapes | 8 | 16 |"
     assert len(table) == 3 + 3 * 3                                                     # 3 probes × 3 arms
+    # the headline (`dvc exp show`): each arm's mean over seeds per fraction, random init's over its seeds;
+    # with an --out of its own, beside the table (the default out: cache/metrics/study)
+    headline = json.loads((root / "scaling" / "metrics.json").read_text())
+    assert headline["quick"] == 1 and len(headline) == 1 + 3 * (2 * 2 + 1)
+    for metric in ("knn", "svm", "svm_std"):
+        line = summary["series"]["demo"][metric]["cmc_only"]
+        assert [headline[f"demo.cmc_only.p{p}.{metric}"] for p in (50, 100)] == line["mean"]
+        assert headline[f"demo.random_init.{metric}"] == summary["random_init"]["demo"][metric]["mean"]
+    assert not (root / "scaling" / "table.md").exists()                          # nothing else twice
 
 
 def test_a_scaling_study_reuses_its_cells(scaling_study):

@@ -51,6 +51,9 @@ NOT_DEPS = ("cli.py",)
 #: a change to it that changes a list shows up as that list's change
 SELF = "recon.runtime.codedeps"
 
+#: the repository's dvc.yaml files: the demo pipeline and the studies' (not run by the root `dvc repro`)
+PIPELINES = ("dvc.yaml", "stages/studies/dvc.yaml")
+
 
 # ----------------------------------------------------------------------------- the import graph
 
@@ -404,29 +407,32 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 and print the diff when dvc.yaml differs (default)")
     mode.add_argument("--write", action="store_true", help="rewrite the code entries of the deps: lists in place")
     mode.add_argument("--module", metavar="NAME", help="print the closure of a module (e.g. recon.pretraining.trainer)")
-    parser.add_argument("--dvc-yaml", type=Path, default=ROOT / "dvc.yaml", help="[default: the repository's]")
+    parser.add_argument("--dvc-yaml", type=Path, action="append",
+                        help="[default: every pipeline of the repository, PIPELINES]")
     args = parser.parse_args(argv)
     if args.module:
         print("\n".join(closure(args.module)))
         return 0
-    if args.write:
-        text = args.dvc_yaml.read_text()
-        new = rewrite(text)
-        if new != text:
-            args.dvc_yaml.write_text(new)
-            print(f"{args.dvc_yaml}: code deps rewritten")
+    status = 0
+    for path in args.dvc_yaml or [ROOT / name for name in PIPELINES]:
+        if args.write:
+            text = path.read_text()
+            new = rewrite(text)
+            if new != text:
+                path.write_text(new)
+                print(f"{path}: code deps rewritten")
+            else:
+                print(f"{path}: code deps already up to date")
+            continue
+        found = diff(path)
+        if found:
+            sys.stdout.write(found)
+            print(f"\n{path}: the code deps differ from the import closures; "
+                  "run `python -m recon.runtime.codedeps --write`", file=sys.stderr)
+            status = 1
         else:
-            print(f"{args.dvc_yaml}: code deps already up to date")
-        return 0
-    found = diff(args.dvc_yaml)
-    if found:
-        sys.stdout.write(found)
-        print(f"\n{args.dvc_yaml}: the code deps differ from the import closures; "
-              "run `python -m recon.runtime.codedeps --write`", file=sys.stderr)
-        return 1
-    print(f"{args.dvc_yaml}: code deps match the import closures")
-    return 0
-
+            print(f"{path}: code deps match the import closures")
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())
