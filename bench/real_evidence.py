@@ -22,7 +22,8 @@ Steps (``--steps``, in this order; each finished one is kept and skipped on a re
   (``--finetune-epochs``; the pretraining's patch count), single-pass test accuracy.
 - ``study``: ``recon study`` on the corpus's held-out split (``--study-arms``): random init, reconstruction
   only, distillation only, full ReCon (standardised targets) and ReCon++ (one image query per rendered view,
-  Hungarian-matched, reconstruction-first stage: docs/reconpp.md), with its table and plot.
+  Hungarian-matched, reconstruction-first stage: docs/reconpp.md), with its table and plot; or, with
+  ``--study-preset``, one paper table's arms (e.g. ``table6``) beside the paper's figures.
 - ``transfer`` (with ``--psb``, the Labeled PSB ``LabeledDB_new`` folder: another corpus, 19
   classes): each seed's encoder and its random-init twin, frozen, on its held-out split (linear SVM
   under every BatchNorm treatment), and fine-tuned on it against from scratch.
@@ -175,14 +176,21 @@ def run_finetune(work: Path, seeds: list[int], epochs: int, shapes: int) -> None
                            "--set", f"num_group={num_group}"], shapes)
 
 
-def run_study(work: Path, arms: str, epochs: int, fewshot: str, shapes: int) -> None:
-    out = work / "evidence" / "study"
+def study_folder(work: Path, preset: str | None) -> Path:
+    """The study's folder: ``evidence/study``, or a preset's ``evidence/study-<preset>/<preset>``."""
+    return work / "evidence" / "study" if preset is None else work / "evidence" / f"study-{preset}" / preset
+
+
+def run_study(work: Path, arms: str, epochs: int, fewshot: str, shapes: int, preset: str | None = None) -> None:
+    out = study_folder(work, preset)
     if (out / "table.md").exists():
         return
     ways, shots, folds, query, fs_epochs = (int(x) for x in fewshot.split(","))
     num_group = _num_group(work)
-    stage(work, "study", ["study", "--set", f"arms=[{arms}]",
-                          "--set", f"stores.real={work / STORE}", "--set", f"out={out}",
+    chosen = ["--set", f"arms=[{arms}]", "--set", f"out={work / 'evidence' / 'study'}"] if preset is None else \
+        ["--preset", preset, "--set", f"out={out.parent}"]   # a preset writes into <out>/<preset>
+    stage(work, "study" if preset is None else f"study-{preset}", ["study", *chosen,
+                          "--set", f"stores.real={work / STORE}",
                           "--set", "pretrain.baseline_seeds=1",   # the arms' own probes judge them
                           "--set", "finetune_seeds=[0]", "--set", f"finetune.epochs={epochs}",
                           "--set", "finetune.votes=0", "--set", f"finetune.num_group={num_group}",
@@ -309,6 +317,9 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--study-arms", default="random_init,rec_only,distill_only,recon_std,reconpp",
                         help="the study's arms (recon.downstream.study.ARMS)")
+    parser.add_argument("--study-preset", default=None,
+                        help="run a paper table's preset (docs/studies.md) instead of --study-arms, into "
+                             "evidence/study-<preset>/<preset>")
     parser.add_argument("--study-finetune-epochs", type=int, default=2)
     parser.add_argument("--study-fewshot", default="5,10,5,10,20",
                         help="the study's few-shot: ways,shots,folds,query,fine-tune epochs (the demo recipe)")
@@ -339,7 +350,7 @@ def main() -> None:
     if "parts" in steps:
         run_parts(work, args.psb.resolve(), seeds, args.psb_epochs, shapes)
     if "study" in steps:
-        run_study(work, args.study_arms, args.study_finetune_epochs, args.study_fewshot, shapes)
+        run_study(work, args.study_arms, args.study_finetune_epochs, args.study_fewshot, shapes, args.study_preset)
     summary = summarise(work, seeds)
     report.update(seeds=seeds, fewshot=args.fewshot, fewshot_probe=args.fewshot_probe,
                   finetune_epochs=args.finetune_epochs, **summary)
