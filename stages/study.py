@@ -100,11 +100,12 @@ def run(p: StudyStageParams, cache: Path | None = None) -> dict:
 
 
 def headline(summary: dict, quick: bool = False) -> dict:
-    """The flat numbers `dvc exp show` compares (``metrics.json``; everything else in details.json), per
-    store and arm (``demo.targets_all.knn``): the frozen probes with the statistics as saved (``knn``,
-    ``svm``, ``svm_std``, the few-shot probe ``fsp``), the fine-tunes' mean and std (``ft``, ``ft_sd``). A
-    scaling study: per store, arm and fraction (``demo.targets_all.p25.knn`` for 25 %) each figure's mean over
-    the seeds, random init's without a fraction. ``quick``: 1 for a smoke run."""
+    """The flat numbers experiments are compared by (``metrics.json``, read by name with `dvc metrics
+    show/diff`; everything else in details.json), per store and arm (``demo.targets_all.knn``): the frozen
+    probes with the statistics as saved (``knn``, ``svm``, ``svm_std``, the few-shot probe ``fsp``), the
+    fine-tunes' mean and std (``ft``, ``ft_sd``). A scaling study: per store, arm and fraction
+    (``demo.targets_all.p25.knn`` for 25 %) each figure's mean over the seeds, random init's without a
+    fraction. ``quick``: 1 for a smoke run."""
     found: dict = {"quick": int(quick)}
     if "series" in summary:                          # data scaling
         for store, figures in summary["series"].items():
@@ -117,7 +118,8 @@ def headline(summary: dict, quick: bool = False) -> dict:
         return found
     for arm, record in summary["arms"].items():
         for store, r in record["stores"].items():
+            finetuned = r.get("finetune") or {}
             figures = {key: r.get(key) for key in (*PROBE_KEYS, FEWSHOT_PROBE_KEY)}
-            figures.update(ft=(r.get("finetune") or {}).get("mean"), ft_sd=(r.get("finetune") or {}).get("std"))
+            figures.update(ft=finetuned.get("mean"), ft_sd=finetuned.get("std"))
             found.update({f"{store}.{arm}.{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
     return found

@@ -71,6 +71,10 @@ from recon.runtime import codedeps, trainstate
 
 #: full ReCon's three losses: the ablation arms below pin them, then change one factor
 RECON = {"targets": ["rec", "img", "text"]}
+#: a plain Transformer trained by cross-modal distillation alone (the paper's "CMC only", Tables 9 and 16)
+CMC_ONLY = {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False}
+#: Table 16's pretraining learning rates (arms ``cmc_lr_<rate>``)
+TABLE16_RATES = ("5e-5", "1e-4", "5e-4", "1e-3")
 #: arm -> PretrainParams overrides (None: no pretraining). Every pretrained arm is the study's shared
 #: pretraining (``StudyParams.pretrain``: params.yaml ``pretrain`` + ``study.pretrain``) with these overrides.
 ARMS: dict[str, dict | None] = {
@@ -103,11 +107,10 @@ ARMS: dict[str, dict | None] = {
     "multitask": {**RECON, "architecture": "multitask", "stop_grad": False},
     "two_tower": {**RECON, "architecture": "two_tower", "stop_grad": False},
     "smc_only": {"targets": ["smc"], "architecture": "multitask", "stop_grad": False},
-    "cmc_only": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False},
+    "cmc_only": CMC_ONLY,
     # Table 16: the pretraining learning rate of that cross-modal contrastive model, one rate for the whole
     # network (query_lr_scale 1), the paper's four values
-    **{f"cmc_lr_{rate}": {"targets": ["img", "text"], "architecture": "multitask", "stop_grad": False,
-                          "lr": float(rate), "query_lr_scale": 1} for rate in ("5e-5", "1e-4", "5e-4", "1e-3")},
+    **{f"cmc_lr_{rate}": {**CMC_ONLY, "lr": float(rate), "query_lr_scale": 1} for rate in TABLE16_RATES},
     # ReCon++ (docs/reconpp.md): one image query per cached view, matched per shape; reconpp also in two stages
     "reconpp_matched": {**RECON, "queries_per_view": True, "match": "hungarian"},
     "reconpp": {**RECON, "queries_per_view": True, "match": "hungarian"},
@@ -126,7 +129,7 @@ LABELS = {"random_init": "random init", "rec_only": "reconstruction only (Point-
           "images_paired": "paired images (ReCon)", "images_unpaired": "unpaired images (same category)",
           "multitask": "vanilla multi-task", "two_tower": "two-tower network",
           "smc_only": "SMC only (plain Transformer)", "cmc_only": "CMC only (plain Transformer)",
-          **{f"cmc_lr_{rate}": f"CMC only, learning rate {rate}" for rate in ("5e-5", "1e-4", "5e-4", "1e-3")},
+          **{f"cmc_lr_{rate}": f"CMC only, learning rate {rate}" for rate in TABLE16_RATES},
           "reconpp_matched": "ReCon++ queries: one per view, Hungarian-matched",
           "reconpp": "ReCon++: matched queries + reconstruction-first stage"}
 
@@ -138,7 +141,7 @@ PRESETS: dict[str, list[str]] = {
     "table9": ["random_init", "smc_only", "cmc_only", "targets_rec", "multitask", "two_tower", "targets_smc",
                "targets_all"],
     "table14": ["random_init", "images_paired", "images_unpaired"],
-    "table16": ["random_init", "cmc_lr_5e-5", "cmc_lr_1e-4", "cmc_lr_5e-4", "cmc_lr_1e-3"],
+    "table16": ["random_init", *(f"cmc_lr_{rate}" for rate in TABLE16_RATES)],
 }
 #: The paper's own figures per preset (ReCon, ICML 2023), copied from PAPER_RESULTS.md of the shared folder
 #: beside the clone (``../shared``; the tables named in ``source``; tests/test_study.py checks the copy against

@@ -241,10 +241,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         monitor = PretrainMonitor(stores, train_rows, test_rows, model, p.global_loss, p.n_points, variants, stats,
                                   p.monitor_shapes, p.seed, device=d.device, baseline_seeds=p.baseline_seeds,
                                   bn_treatments=p.monitor_bn_treatments, bn_clouds=p.monitor_bn_clouds)
-    def new_optimizer() -> torch.optim.Optimizer:
-        return pretrain_optimizer(model, p)
-
-    optimizer = new_optimizer()
+    optimizer = pretrain_optimizer(model, p)
     ckpt_dir = out / "checkpoints"
     start_epoch, step, history = 0, 0, []
     identity = run_identity(p, stores)   # once: with init_vit it hashes the ViT file
@@ -288,7 +285,7 @@ def _train(p: PretrainParams, d: Dist, cache: Path, out: Path, progress_factory,
         stage_start = 0 if stage == "rec" or p.rec_epochs == 0 else \
             next(r["step"] for r in history if r["epoch"] == p.rec_epochs - 1)
         if p.rec_epochs > 0 and epoch == p.rec_epochs:   # the full objective starts as a new run: fresh AdamW moments
-            optimizer = new_optimizer()
+            optimizer = pretrain_optimizer(model, p)
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)  # its batches carry the epoch to the workers
         model.train()

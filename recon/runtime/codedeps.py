@@ -434,5 +434,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: code deps match the import closures")
     return status
 
+
 if __name__ == "__main__":
     sys.exit(main())
